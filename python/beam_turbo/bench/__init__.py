@@ -1,0 +1,12 @@
+"""Microbenchmarks behind ``beam-turbo bench``: each compares beam-turbo with the alternatives
+in the same run and prints ratios, so the figures hold on whatever machine runs them.
+
+Each benchmark module has ``add_arguments(parser)`` and ``run(args) -> int``; ``BENCHMARKS``
+maps the subcommand name to its module.
+"""
+
+from __future__ import annotations
+
+BENCHMARKS: dict[str, str] = {
+    "stack": "beam_turbo.bench.stack",
+}

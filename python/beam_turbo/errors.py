@@ -1,0 +1,35 @@
+"""beam-turbo's exceptions.
+
+Every exception beam-turbo raises on purpose derives from :class:`BeamTurboError` and also from
+the standard exception users already catch, so ``except ValueError`` keeps working::
+
+    try:
+        beam_turbo.stack([np.zeros(3), np.zeros(4)])
+    except ValueError as err:  # also a beam_turbo.errors.InvalidInputError
+        print(err)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BeamTurboError",
+    "InvalidInputError",
+    "InvalidTypeError",
+    "OutOfMemoryError",
+]
+
+
+class BeamTurboError(Exception):
+    """Root of beam-turbo's exceptions."""
+
+
+class InvalidInputError(BeamTurboError, ValueError):
+    """A value is wrong: a shape, a size, a pad value, an argument."""
+
+
+class InvalidTypeError(BeamTurboError, TypeError):
+    """A type is wrong: a dtype, or an object that exposes no memory."""
+
+
+class OutOfMemoryError(BeamTurboError, MemoryError):
+    """Memory could not be had for a batch."""

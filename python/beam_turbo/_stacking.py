@@ -10,7 +10,7 @@ metadata from Python costs more than ``torch.stack`` spends per tensor).
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
@@ -27,12 +27,12 @@ Batch = np.ndarray[Any, Any]
 
 
 @overload
-def stack(arrays: Sequence[Any], *, out: Any = ..., pad: None = ...) -> Any: ...
+def stack(arrays: Iterable[Any], *, out: Any = ..., pad: None = ...) -> Any: ...
 @overload
-def stack(arrays: Sequence[Any], *, out: Any = ..., pad: complex) -> tuple[Any, Batch]: ...
+def stack(arrays: Iterable[Any], *, out: Any = ..., pad: complex) -> tuple[Any, Batch]: ...
 
 
-def stack(arrays: Sequence[Any], *, out: Any = None, pad: complex | None = None) -> Any:
+def stack(arrays: Iterable[Any], *, out: Any = None, pad: complex | None = None) -> Any:
     """Stack same-shaped arrays into one C-contiguous batch of shape ``(n, *shape)``.
 
     The bytes are copied exactly once, with the GIL released (on several threads for large
@@ -100,8 +100,9 @@ def _as_ndarray(obj: Any, index: int) -> Batch:
     if torch is not None and isinstance(obj, torch.Tensor):
         return _tensor_view(torch, obj, f"element {index}")
     try:
-        if hasattr(obj, "__array_interface__"):
-            return np.asarray(obj)
+        interface = getattr(obj, "__array_interface__", None)
+        if interface is not None:
+            return _from_interface(obj, interface, index)
         try:
             view = memoryview(obj)
         except TypeError:
@@ -128,6 +129,21 @@ def _as_ndarray(obj: Any, index: int) -> Batch:
         f"element {index} is {type(obj).__name__}, which does not expose its memory "
         "(buffer protocol, __array_interface__ or __dlpack__); expected a numpy array or tensor"
     )
+
+
+def _from_interface(obj: Any, interface: dict[str, Any], index: int) -> Batch:
+    """A view of an ``__array_interface__`` exporter, checked to lie inside its buffer.
+
+    A raw ``(address, read_only)`` pointer cannot be checked and is trusted, as numpy does.
+    """
+    array = np.asarray(obj)
+    data = interface.get("data")
+    if isinstance(data, tuple):
+        return array
+    exporter = obj if data is None else data
+    memory = np.frombuffer(memoryview(exporter).cast("B"), dtype=np.uint8)
+    _native.check_bounds(array, memory, index)
+    return array
 
 
 def _tensor_view(torch: Any, tensor: torch.Tensor, what: str) -> Batch:
@@ -183,9 +199,8 @@ def _stack_torch(torch: Any, tensors: Sequence[Any], out: Any) -> Any | None:
     """
     first = tensors[0]
     dtype = first.dtype
-    for tensor in tensors:
-        if type(tensor) is not torch.Tensor or tensor.dtype is not dtype:
-            return None
+    if _native.first_unlike(tensors, "dtype") is not None:
+        return None
     shape = (len(tensors), *first.shape)
     if out is None:
         np_dtype = _numpy_dtype(torch, dtype)

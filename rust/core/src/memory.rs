@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::CoreError;
 
-/// Alignment of every batch: a cache line, and enough for any SIMD load and for DLPack.
+/// Alignment of every batch: a cache line, and enough for any SIMD load and for `DLPack`.
 pub const ALIGN: usize = 64;
 
 /// Buffers smaller than this come straight from the allocator, which already recycles them.

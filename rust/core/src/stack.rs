@@ -24,7 +24,7 @@ pub enum ScalarKind {
     Unsigned(usize),
     /// IEEE float of 2, 4 or 8 bytes.
     Float(usize),
-    /// bfloat16 (ml_dtypes).
+    /// bfloat16 (`ml_dtypes`).
     BFloat16,
     /// Complex of 8 or 16 bytes (two floats).
     Complex(usize),
@@ -409,11 +409,11 @@ unsafe fn copy_row(src: *const u8, n: usize, stride: isize, itemsize: usize, dst
     }
     macro_rules! gather {
         ($t:ty) => {{
-            let out = dst.as_mut_ptr().cast::<$t>();
-            for i in 0..n {
-                // SAFETY: item `i` is readable (contract); `dst` holds `n` items. Unaligned
-                // accesses because numpy arrays need not be aligned.
-                unsafe { out.add(i).write_unaligned(src.offset(i as isize * stride).cast::<$t>().read_unaligned()) };
+            for (i, out) in dst.chunks_exact_mut(size_of::<$t>()).take(n).enumerate() {
+                // SAFETY: item `i` is readable (contract). Unaligned, because numpy arrays
+                // need not be aligned.
+                let item = unsafe { src.offset(i as isize * stride).cast::<$t>().read_unaligned() };
+                out.copy_from_slice(&item.to_ne_bytes());
             }
         }};
     }
@@ -459,19 +459,20 @@ pub fn default_threads() -> usize {
 }
 
 #[cfg(test)]
+// Copies are meant to be bit-exact, so exact float comparison is the point.
+#[allow(clippy::float_cmp)]
 mod tests {
     use super::*;
+
+    /// A test input: values, shape, strides in items, offset of element 0 in items.
+    type Input<'a> = (&'a [f32], &'a [usize], &'a [isize], usize);
 
     fn describe() -> Described {
         Described { shape: vec![], dtype: "test".into() }
     }
 
     /// Stacks f32 arrays given as (values, shape, strides in items, offset of element 0).
-    fn stack_f32(
-        inputs: &[(&[f32], &[usize], &[isize], usize)],
-        pad: Option<f32>,
-        threads: usize,
-    ) -> (Vec<usize>, Vec<f32>) {
+    fn stack_f32(inputs: &[Input<'_>], pad: Option<f32>, threads: usize) -> (Vec<usize>, Vec<f32>) {
         let mut stacker = Stacker::new(4, inputs[0].1, pad.is_some(), inputs.len());
         for (values, shape, strides, offset) in inputs {
             let strides: Vec<isize> = strides.iter().map(|s| s * 4).collect();
@@ -497,19 +498,19 @@ mod tests {
     #[test]
     fn transposed_negative_and_sliced_strides_are_honoured() {
         // [[0, 1, 2], [3, 4, 5]] in memory.
-        let m = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let matrix = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
         // Its transpose (3, 2) with strides (1, 3).
-        let (_, t) = stack_f32(&[(&m, &[3, 2], &[1, 3], 0)], None, 1);
-        assert_eq!(t, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        let (_, transposed) = stack_f32(&[(&matrix, &[3, 2], &[1, 3], 0)], None, 1);
+        assert_eq!(transposed, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
         // Reversed rows: start at row 1, stride -3.
-        let (_, r) = stack_f32(&[(&m, &[2, 3], &[-3, 1], 3)], None, 1);
-        assert_eq!(r, vec![3.0, 4.0, 5.0, 0.0, 1.0, 2.0]);
+        let (_, reversed) = stack_f32(&[(&matrix, &[2, 3], &[-3, 1], 3)], None, 1);
+        assert_eq!(reversed, vec![3.0, 4.0, 5.0, 0.0, 1.0, 2.0]);
         // Every other column: (2, 2) with strides (3, 2).
-        let (_, s) = stack_f32(&[(&m, &[2, 2], &[3, 2], 0)], None, 1);
-        assert_eq!(s, vec![0.0, 2.0, 3.0, 5.0]);
+        let (_, sliced) = stack_f32(&[(&matrix, &[2, 2], &[3, 2], 0)], None, 1);
+        assert_eq!(sliced, vec![0.0, 2.0, 3.0, 5.0]);
         // A broadcast (stride 0) row.
-        let (_, z) = stack_f32(&[(&m, &[2, 3], &[0, 1], 0)], None, 1);
-        assert_eq!(z, vec![0.0, 1.0, 2.0, 0.0, 1.0, 2.0]);
+        let (_, broadcast) = stack_f32(&[(&matrix, &[2, 3], &[0, 1], 0)], None, 1);
+        assert_eq!(broadcast, vec![0.0, 1.0, 2.0, 0.0, 1.0, 2.0]);
     }
 
     #[test]
@@ -539,8 +540,7 @@ mod tests {
     #[test]
     fn parallel_copy_matches_serial() {
         let big: Vec<f32> = (0..(1 << 20)).map(|i| i as f32).collect();
-        let inputs: Vec<(&[f32], &[usize], &[isize], usize)> =
-            (0..8).map(|_| (&big[..], &[1 << 20][..], &[1][..], 0)).collect();
+        let inputs: Vec<Input<'_>> = (0..8).map(|_| (&big[..], &[1 << 20][..], &[1][..], 0)).collect();
         let (_, serial) = stack_f32(&inputs, None, 1);
         let (_, parallel) = stack_f32(&inputs, None, 3);
         assert_eq!(serial, parallel);

@@ -1,4 +1,4 @@
-//! `beam_turbo._native`: thin PyO3 wrappers over `beam-turbo-core`. Each wrapper converts its
+//! `beam_turbo._native`: thin `PyO3` wrappers over `beam-turbo-core`. Each wrapper converts its
 //! arguments, calls the core (with the GIL released where there is real work) and converts
 //! the result; the decisions live in the core.
 
@@ -10,5 +10,5 @@ use pyo3::prelude::*;
 #[pymodule]
 mod _native {
     #[pymodule_export]
-    use crate::stacking::{BatchMemory, empty, pool_usage, set_pool_limit, stack};
+    use crate::stacking::{BatchMemory, check_bounds, empty, first_unlike, pool_usage, set_pool_limit, stack};
 }

@@ -5,12 +5,12 @@ use std::ffi::c_void;
 use beam_turbo_core::CoreError;
 use beam_turbo_core::error::Described;
 use beam_turbo_core::memory::{self, AlignedBuf};
-use beam_turbo_core::stack::{PadValue, ScalarKind, Stacker, default_threads, pad_bytes as core_pad_bytes};
+use beam_turbo_core::stack::{PadValue, ScalarKind, Stacker, default_threads, extent, pad_bytes as core_pad_bytes};
 use numpy::npyffi::{self, NPY_ARRAY_CARRAY, NpyTypes, PY_ARRAY_API, npy_intp};
 use numpy::{PyArray1, PyArrayDescr, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyOverflowError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyList, PyTuple};
+use pyo3::types::{PyBool, PyList, PyString, PyTuple};
 
 use crate::errors::{PyCoreError, detached};
 
@@ -91,8 +91,7 @@ fn pad_value(value: &Bound<'_, PyAny>, dtype: &Bound<'_, PyArrayDescr>) -> PyRes
     }
     let part = |name| value.getattr(name).and_then(|p| p.extract::<f64>());
     match (part("real"), part("imag")) {
-        (Ok(re), Ok(im)) if im == 0.0 => Ok(PadValue::Float(re)),
-        (Ok(re), Ok(im)) => Ok(PadValue::Complex(re, im)),
+        (Ok(re), Ok(im)) => Ok(if im == 0.0 { PadValue::Float(re) } else { PadValue::Complex(re, im) }),
         _ => Err(PyTypeError::new_err(format!(
             "pad= must be a number (bool, int, float or complex), got {}",
             value.get_type().name()?
@@ -292,8 +291,48 @@ impl SendPtr {
     }
 }
 
+/// Checks that `array` (element `index`, made from an `__array_interface__`) lies inside the
+/// bytes of `buffer`, the memory its exporter named: numpy itself does not check this.
+#[pyfunction]
+pub fn check_bounds(
+    array: &Bound<'_, PyUntypedArray>,
+    buffer: &Bound<'_, PyUntypedArray>,
+    index: usize,
+) -> PyResult<()> {
+    let itemsize = array.dtype().itemsize();
+    let Some(reach) = extent(array.shape(), array.strides(), itemsize) else { return Ok(()) };
+    let start = data_ptr(buffer) as usize;
+    let len = buffer.shape().iter().product::<usize>() * buffer.dtype().itemsize();
+    let data = data_ptr(array) as usize;
+    let inside = |offset: isize| data.checked_add_signed(offset).is_some_and(|at| at >= start && at <= start + len);
+    if inside(reach.start) && inside(reach.end) {
+        return Ok(());
+    }
+    Err(PyCoreError(CoreError::OutOfBounds { index, found: describe(array), strides: array.strides().to_vec(), len })
+        .into())
+}
+
+/// The index of the first item whose type, or whose attribute `attr`, is not the very object
+/// item 0 has (compared by identity); `None` when all are alike. One pass, no Python loop.
+#[pyfunction]
+pub fn first_unlike(items: &Bound<'_, PyAny>, attr: &Bound<'_, PyString>) -> PyResult<Option<usize>> {
+    let items = items
+        .cast::<PyList>()
+        .map(|l| l.iter().collect::<Vec<_>>())
+        .or_else(|_| items.try_iter()?.collect::<PyResult<Vec<_>>>())?;
+    let Some(first) = items.first() else { return Ok(None) };
+    let (kind, value) = (first.get_type(), first.getattr(attr)?);
+    for (index, item) in items.iter().enumerate().skip(1) {
+        if !item.get_type().is(&kind) || !item.getattr(attr)?.is(&value) {
+            return Ok(Some(index));
+        }
+    }
+    Ok(None)
+}
+
 /// An uninitialised, 64-byte-aligned batch of `shape` and `dtype` (for writing into).
 #[pyfunction]
+#[allow(clippy::needless_pass_by_value)] // pyo3 extracts a sequence into a Vec, not a slice
 pub fn empty<'py>(py: Python<'py>, shape: Vec<usize>, dtype: &Bound<'py, PyArrayDescr>) -> PyResult<Bound<'py, PyAny>> {
     let too_large = || {
         PyCoreError(CoreError::TooLarge {

@@ -15,6 +15,8 @@ __all__ = [
     "BeamTurboError",
     "InvalidInputError",
     "InvalidTypeError",
+    "ModelLoadError",
+    "ModelNotFoundError",
     "OutOfMemoryError",
 ]
 
@@ -33,3 +35,14 @@ class InvalidTypeError(BeamTurboError, TypeError):
 
 class OutOfMemoryError(BeamTurboError, MemoryError):
     """Memory could not be had for a batch."""
+
+
+class ModelLoadError(BeamTurboError, RuntimeError):
+    """A model file could not be turned into a model: corrupt, or not fitting the model class.
+
+    Retrying does not help; the message names the file.
+    """
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """A model file does not exist; the message names the path."""

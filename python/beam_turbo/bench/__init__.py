@@ -9,4 +9,5 @@ from __future__ import annotations
 
 BENCHMARKS: dict[str, str] = {
     "stack": "beam_turbo.bench.stack",
+    "handlers": "beam_turbo.bench.handlers",
 }

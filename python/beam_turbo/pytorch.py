@@ -1,0 +1,411 @@
+"""PyTorch model handlers: Beam's ``PytorchModelHandlerTensor`` and
+``PytorchModelHandlerKeyedTensor``, with the same names, arguments and results, made faster.
+
+Switch by changing the import::
+
+    # from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
+    from beam_turbo.pytorch import PytorchModelHandlerTensor
+
+What changes, with Beam's default inference function:
+
+- the batch is built by :func:`beam_turbo.stack` (one copy, a clear error naming a tensor of
+  the wrong shape or dtype); on a GPU it is stacked straight into a reused pinned-memory
+  buffer and copied to the device without blocking, so the next batch is stacked while the
+  current one computes;
+- the outputs are split into rows with one ``unbind`` and the results built in one pass;
+- the batch byte-size metric is the stacked batch's true size, known in constant time (Beam's
+  figure, the sum of ``element_size()`` over each tensor's first dimension, is only right for
+  one-dimensional elements and costs a tensor per scalar);
+- a CUDA out-of-memory error frees cached memory and splits the batch in halves until it fits;
+- ``device`` also takes ``'auto'``, ``'cpu'``, ``'cuda'`` and ``'cuda:N'`` (and Beam's
+  ``'CPU'``/``'GPU'``); CUDA that is not usable gives a warning and the CPU, as in Beam;
+- ``inference_mode=True`` and ``autocast_dtype=torch.float16 | torch.bfloat16`` are opt-in.
+
+A user's ``inference_fn`` still receives exactly what Beam gives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from apache_beam.ml.inference import pytorch_inference as beam_pytorch
+from apache_beam.ml.inference.base import PredictionResult
+
+from beam_turbo._inference import (
+    ByteSizeMemo,
+    loading_model,
+    prediction_results,
+    run_splitting_on_oom,
+)
+from beam_turbo._stacking import stack
+from beam_turbo.errors import InvalidInputError, ModelLoadError
+
+__all__ = ["PytorchModelHandlerKeyedTensor", "PytorchModelHandlerTensor", "resolve_device"]
+
+_LOG = logging.getLogger(__name__)
+_AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device a ``device=`` argument asks for (before checking it is usable).
+
+    Example:
+        >>> resolve_device("GPU"), resolve_device("cpu"), resolve_device("cuda:1")
+        (device(type='cuda'), device(type='cpu'), device(type='cuda', index=1))
+    """
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip()
+    if name.upper() == "CPU":
+        return torch.device("cpu")
+    if name.upper() == "GPU":
+        return torch.device("cuda")
+    if name.lower() == "auto":
+        return torch.device("cuda") if _cuda_usable(torch.device("cuda")) else torch.device("cpu")
+    try:
+        found = torch.device(name.lower())
+    except RuntimeError as error:
+        raise InvalidInputError(
+            f"device={device!r} is not a device; expected 'auto', 'cpu', 'cuda', 'cuda:N', "
+            "'CPU' or 'GPU'"
+        ) from error
+    if found.type not in ("cpu", "cuda"):
+        raise InvalidInputError(
+            f"device={device!r}: beam-turbo runs PyTorch models on 'cpu' or 'cuda' devices"
+        )
+    return found
+
+
+def _cuda_usable(device: torch.device) -> bool:
+    """Whether CUDA can allocate on ``device`` (Beam's probe, for any index)."""
+    if not torch.cuda.is_available():
+        return False
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return False
+    try:
+        torch.empty(1, device=device)
+    except Exception:  # a driver that is missing or inaccessible fails at first real use
+        _LOG.warning("CUDA probe failed", exc_info=True)
+        return False
+    return True
+
+
+def _usable_device(device: torch.device) -> torch.device:
+    if device.type == "cuda" and not _cuda_usable(device):
+        _LOG.warning(
+            "Model handler specified a 'GPU' device, but GPUs are not available. Switching to CPU."
+        )
+        return torch.device("cpu")
+    return device
+
+
+def _autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or dtype in _AUTOCAST_DTYPES.values():
+        return dtype  # type: ignore[return-value]
+    found = _AUTOCAST_DTYPES.get(str(dtype).removeprefix("torch."))
+    if found is None:
+        raise InvalidInputError(
+            f"autocast_dtype={dtype!r}: expected torch.float16 or torch.bfloat16 (or None)"
+        )
+    return found
+
+
+class _Staging:
+    """Per-thread staging of batches: pinned, reused host buffers for CUDA devices.
+
+    Two buffers alternate, so one can be filled while the other's copy to the device is in
+    flight; a buffer is reused only after the event recorded behind its copy has completed.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._local = threading.local()
+
+    def to_device(self, batch: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        first = batch[0]
+        if not isinstance(first, torch.Tensor):
+            raise InvalidInputError(
+                f"element 0 is {type(first).__name__}; PytorchModelHandlerTensor takes tensors"
+            )
+        if device.type != "cuda":
+            # The one copy: straight into the tensor the model reads.
+            out = torch.empty((len(batch), *first.shape), dtype=first.dtype)
+            stacked: torch.Tensor = stack(batch, out=out)
+            return stacked
+        slots = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = self._local.slots = [[None, None], [None, None]]  # [buffer, event] x 2
+        self._local.turn = turn = 1 - getattr(self._local, "turn", 1)
+        buffer, event = slots[turn]
+        if event is not None:
+            event.synchronize()
+        if (
+            buffer is None
+            or buffer.dtype != first.dtype
+            or buffer.shape[1:] != first.shape
+            or buffer.shape[0] < len(batch)
+        ):
+            buffer = torch.empty((len(batch), *first.shape), dtype=first.dtype, pin_memory=True)
+        staged = buffer[: len(batch)]
+        stack(batch, out=staged)
+        on_device: torch.Tensor = staged.to(device, non_blocking=True)
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(device))
+        slots[turn] = [buffer, event]
+        return on_device
+
+
+class _TorchRunner:
+    """What both handlers add to Beam's: device choice, grad mode, autocast, staging."""
+
+    _device: torch.device
+
+    def _setup(self, device: str | torch.device, inference_mode: bool, autocast_dtype: Any) -> None:
+        self._requested_device = resolve_device(device)
+        self._device = self._requested_device
+        self._inference_mode = inference_mode
+        self._autocast = _autocast_dtype(autocast_dtype)
+        self._staging = _Staging()
+        self._byte_sizes = ByteSizeMemo()
+
+    @contextlib.contextmanager
+    def _modes(self) -> Any:
+        grad = torch.inference_mode() if self._inference_mode else torch.no_grad()
+        with grad:
+            if self._autocast is None:
+                yield
+            else:
+                with torch.autocast(device_type=self._device.type, dtype=self._autocast):
+                    yield
+
+    def _model_id(self) -> str | None:
+        path: str | None = self._torch_script_model_path or self._state_dict_path  # type: ignore[attr-defined]
+        return path
+
+    def _load(self, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        self._device = _usable_device(self._requested_device)
+        path = self._model_id()
+        with loading_model(path, "PyTorch model"):
+            try:
+                return load()
+            except RuntimeError as error:
+                if "state_dict" not in str(error):
+                    raise
+                name = getattr(self._model_class, "__name__", self._model_class)  # type: ignore[attr-defined]
+                raise ModelLoadError(
+                    f"the state dict in {path} does not fit {name}: {error}"
+                ) from error
+
+
+class PytorchModelHandlerTensor(_TorchRunner, beam_pytorch.PytorchModelHandlerTensor):
+    """Beam's ``PytorchModelHandlerTensor``, faster; see the module docs for what changes.
+
+    Example:
+        >>> import torch, tempfile, os
+        >>> from beam_turbo.pytorch import PytorchModelHandlerTensor
+        >>> path = os.path.join(tempfile.mkdtemp(), "linear.pt")
+        >>> torch.save(torch.nn.Linear(2, 1).state_dict(), path)
+        >>> handler = PytorchModelHandlerTensor(
+        ...     state_dict_path=path, model_class=torch.nn.Linear,
+        ...     model_params={"in_features": 2, "out_features": 1})
+        >>> model = handler.load_model()
+        >>> len(handler.run_inference([torch.ones(2), torch.zeros(2)], model))
+        2
+    """
+
+    def __init__(
+        self,
+        state_dict_path: str | None = None,
+        model_class: Callable[..., torch.nn.Module] | None = None,
+        model_params: dict[str, Any] | None = None,
+        device: str | torch.device = "CPU",
+        *,
+        inference_fn: beam_pytorch.TensorInferenceFn = beam_pytorch.default_tensor_inference_fn,
+        torch_script_model_path: str | None = None,
+        min_batch_size: int | None = None,
+        max_batch_size: int | None = None,
+        max_batch_duration_secs: int | None = None,
+        large_model: bool = False,
+        model_copies: int | None = None,
+        load_model_args: dict[str, Any] | None = None,
+        max_batch_weight: int | None = None,
+        element_size_fn: Callable[[Any], int] | None = None,
+        batch_length_fn: Callable[[Any], int] | None = None,
+        batch_bucket_boundaries: list[int] | None = None,
+        inference_mode: bool = False,
+        autocast_dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            state_dict_path,
+            model_class,
+            model_params,
+            "CPU",
+            inference_fn=inference_fn,
+            torch_script_model_path=torch_script_model_path,
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            max_batch_duration_secs=max_batch_duration_secs,
+            large_model=large_model,
+            model_copies=model_copies,
+            load_model_args=load_model_args,
+            max_batch_weight=max_batch_weight,
+            element_size_fn=element_size_fn,
+            batch_length_fn=batch_length_fn,
+            batch_bucket_boundaries=batch_bucket_boundaries,
+            **kwargs,
+        )
+        self._setup(device, inference_mode, autocast_dtype)
+
+    def load_model(self) -> torch.nn.Module:
+        """Load the model onto the chosen device (the CPU, with a warning, if CUDA is unusable)."""
+        return self._load(super().load_model)
+
+    def run_inference(
+        self,
+        batch: Sequence[torch.Tensor],
+        model: torch.nn.Module,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        """Run the model on a batch of tensors; one ``PredictionResult`` per tensor."""
+        args = inference_args or {}
+        model_id = self._model_id()
+        if self._inference_fn is not beam_pytorch.default_tensor_inference_fn:
+
+            def run_user_fn(part: Sequence[torch.Tensor]) -> list[PredictionResult]:
+                with self._modes():
+                    return list(self._inference_fn(part, model, self._device, args, model_id))
+
+            return run_splitting_on_oom(run_user_fn, batch)
+
+        def run(part: Sequence[torch.Tensor]) -> list[PredictionResult]:
+            with self._modes():
+                inputs = self._staging.to_device(part, self._device)
+                predictions = model(inputs, **args)
+            self._byte_sizes.remember(part, inputs.nbytes)
+            return prediction_results(part, predictions, model_id)
+
+        return run_splitting_on_oom(run, batch)
+
+    def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
+        """The batch's true size in bytes (Beam's figure is only right for 1-d tensors)."""
+        known = self._byte_sizes.recall(batch)
+        return known if known is not None else _nbytes_of(batch)
+
+
+def _nbytes_of(batch: Sequence[Any]) -> int:
+    """True bytes of a batch of tensors (or of dicts of tensors)."""
+    total = 0
+    for element in batch:
+        if isinstance(element, dict):
+            total += sum(int(t.nbytes) for t in element.values())
+        else:
+            total += int(element.nbytes)
+    return total
+
+
+class PytorchModelHandlerKeyedTensor(_TorchRunner, beam_pytorch.PytorchModelHandlerKeyedTensor):
+    """Beam's ``PytorchModelHandlerKeyedTensor``, faster: each key's tensors are stacked by
+    :func:`beam_turbo.stack` (pinned and non-blocking on a GPU), the outputs split in one pass.
+    """
+
+    def __init__(
+        self,
+        state_dict_path: str | None = None,
+        model_class: Callable[..., torch.nn.Module] | None = None,
+        model_params: dict[str, Any] | None = None,
+        device: str | torch.device = "CPU",
+        *,
+        inference_fn: beam_pytorch.KeyedTensorInferenceFn = (
+            beam_pytorch.default_keyed_tensor_inference_fn
+        ),
+        torch_script_model_path: str | None = None,
+        min_batch_size: int | None = None,
+        max_batch_size: int | None = None,
+        max_batch_duration_secs: int | None = None,
+        large_model: bool = False,
+        model_copies: int | None = None,
+        load_model_args: dict[str, Any] | None = None,
+        max_batch_weight: int | None = None,
+        element_size_fn: Callable[[Any], int] | None = None,
+        batch_length_fn: Callable[[Any], int] | None = None,
+        batch_bucket_boundaries: list[int] | None = None,
+        inference_mode: bool = False,
+        autocast_dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            state_dict_path,
+            model_class,
+            model_params,
+            "CPU",
+            inference_fn=inference_fn,
+            torch_script_model_path=torch_script_model_path,
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            max_batch_duration_secs=max_batch_duration_secs,
+            large_model=large_model,
+            model_copies=model_copies,
+            load_model_args=load_model_args,
+            max_batch_weight=max_batch_weight,
+            element_size_fn=element_size_fn,
+            batch_length_fn=batch_length_fn,
+            batch_bucket_boundaries=batch_bucket_boundaries,
+            **kwargs,
+        )
+        self._setup(device, inference_mode, autocast_dtype)
+
+    def load_model(self) -> torch.nn.Module:
+        """Load the model onto the chosen device (the CPU, with a warning, if CUDA is unusable)."""
+        return self._load(super().load_model)
+
+    def run_inference(
+        self,
+        batch: Sequence[dict[str, torch.Tensor]],
+        model: torch.nn.Module,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        """Run the model on a batch of dicts of tensors, one stacked tensor per key."""
+        args = inference_args or {}
+        model_id = self._model_id()
+        if self._inference_fn is not beam_pytorch.default_keyed_tensor_inference_fn:
+
+            def run_user_fn(part: Sequence[dict[str, torch.Tensor]]) -> list[PredictionResult]:
+                with self._modes():
+                    return list(self._inference_fn(part, model, self._device, args, model_id))
+
+            return run_splitting_on_oom(run_user_fn, batch)
+
+        def run(part: Sequence[dict[str, torch.Tensor]]) -> list[PredictionResult]:
+            keys = list(part[0])
+            with self._modes():
+                inputs = {}
+                for key in keys:
+                    try:
+                        column = [example[key] for example in part]
+                    except KeyError as error:
+                        raise InvalidInputError(
+                            f"an element has no key {error}; every element needs the keys of "
+                            f"element 0: {keys}"
+                        ) from error
+                    inputs[key] = self._staging.to_device(column, self._device)
+                predictions = model(**inputs, **args)
+            self._byte_sizes.remember(part, sum(int(t.nbytes) for t in inputs.values()))
+            return prediction_results(part, predictions, model_id)
+
+        return run_splitting_on_oom(run, batch)
+
+    def get_num_bytes(self, batch: Sequence[dict[str, torch.Tensor]]) -> int:
+        """The batch's true size in bytes, over every key."""
+        known = self._byte_sizes.recall(batch)
+        return known if known is not None else _nbytes_of(batch)

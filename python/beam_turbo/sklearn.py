@@ -1,0 +1,174 @@
+"""scikit-learn model handlers: Beam's ``SklearnModelHandlerNumpy`` and
+``SklearnModelHandlerPandas``, with the same names, arguments and results, made faster.
+
+Switch by changing the import::
+
+    # from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+    from beam_turbo.sklearn import SklearnModelHandlerNumpy
+
+With Beam's default inference functions, numpy batches are built by :func:`beam_turbo.stack`
+(one copy, and an element of the wrong shape or dtype is named in the error), pandas batches
+are concatenated once and split without a per-row ``iloc``, and results are built in one
+pass. Byte sizes are Beam's figures. A missing or corrupt model file fails with its path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas
+from apache_beam.ml.inference import sklearn_inference as beam_sklearn
+from apache_beam.ml.inference.base import PredictionResult
+from apache_beam.ml.inference.sklearn_inference import ModelFileType
+
+from beam_turbo._inference import loading_model, prediction_results, run_splitting_on_oom
+from beam_turbo._stacking import stack
+
+__all__ = ["ModelFileType", "SklearnModelHandlerNumpy", "SklearnModelHandlerPandas"]
+
+_BEAM_NUMPY_FN = beam_sklearn._default_numpy_inference_fn
+_BEAM_PANDAS_FN = beam_sklearn._default_pandas_inference_fn
+
+
+class SklearnModelHandlerNumpy(beam_sklearn.SklearnModelHandlerNumpy):
+    """Beam's ``SklearnModelHandlerNumpy``, faster; see the module docs.
+
+    Example:
+        >>> import pickle, tempfile, os, numpy as np
+        >>> from sklearn.linear_model import LinearRegression
+        >>> from beam_turbo.sklearn import SklearnModelHandlerNumpy
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pkl")
+        >>> with open(path, "wb") as f:
+        ...     pickle.dump(LinearRegression().fit([[0.0], [1.0]], [0.0, 2.0]), f)
+        >>> handler = SklearnModelHandlerNumpy(model_uri=path)
+        >>> [round(float(r.inference), 6) for r in handler.run_inference(
+        ...     [np.array([0.5]), np.array([2.0])], handler.load_model())]
+        [1.0, 4.0]
+    """
+
+    def __init__(
+        self,
+        model_uri: str,
+        model_file_type: ModelFileType = ModelFileType.PICKLE,
+        *,
+        inference_fn: beam_sklearn.NumpyInferenceFn = _BEAM_NUMPY_FN,
+        min_batch_size: int | None = None,
+        max_batch_size: int | None = None,
+        max_batch_duration_secs: int | None = None,
+        large_model: bool = False,
+        model_copies: int | None = None,
+        max_batch_weight: int | None = None,
+        element_size_fn: Callable[[Any], int] | None = None,
+        batch_length_fn: Callable[[Any], int] | None = None,
+        batch_bucket_boundaries: list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            model_uri,
+            model_file_type,
+            inference_fn=inference_fn,
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            max_batch_duration_secs=max_batch_duration_secs,
+            large_model=large_model,
+            model_copies=model_copies,
+            max_batch_weight=max_batch_weight,
+            element_size_fn=element_size_fn,
+            batch_length_fn=batch_length_fn,
+            batch_bucket_boundaries=batch_bucket_boundaries,
+            **kwargs,
+        )
+
+    def load_model(self) -> Any:
+        """Load the pickled or joblib model; a missing or corrupt file names its path."""
+        with loading_model(self._model_uri, "scikit-learn model"):
+            return super().load_model()
+
+    def run_inference(
+        self,
+        batch: Sequence[np.ndarray[Any, Any]],
+        model: Any,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        """Predict a batch of numpy arrays; one ``PredictionResult`` per array."""
+        args = inference_args or {}
+
+        def run(part: Sequence[np.ndarray[Any, Any]]) -> list[PredictionResult]:
+            if self._model_inference_fn is _BEAM_NUMPY_FN:
+                predictions = model.predict(stack(part), **args)
+            else:
+                predictions = self._model_inference_fn(model, part, args)
+            return prediction_results(part, predictions, self._model_uri)
+
+        return run_splitting_on_oom(run, batch)
+
+
+class SklearnModelHandlerPandas(beam_sklearn.SklearnModelHandlerPandas):
+    """Beam's ``SklearnModelHandlerPandas``, faster: the batch is concatenated once and each
+    result's example is the single-row frame it came from, with no per-row ``iloc``.
+    """
+
+    def __init__(
+        self,
+        model_uri: str,
+        model_file_type: ModelFileType = ModelFileType.PICKLE,
+        *,
+        inference_fn: beam_sklearn.PandasInferenceFn = _BEAM_PANDAS_FN,
+        min_batch_size: int | None = None,
+        max_batch_size: int | None = None,
+        max_batch_duration_secs: int | None = None,
+        large_model: bool = False,
+        model_copies: int | None = None,
+        max_batch_weight: int | None = None,
+        element_size_fn: Callable[[Any], int] | None = None,
+        batch_length_fn: Callable[[Any], int] | None = None,
+        batch_bucket_boundaries: list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            model_uri,
+            model_file_type,
+            inference_fn=inference_fn,
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            max_batch_duration_secs=max_batch_duration_secs,
+            large_model=large_model,
+            model_copies=model_copies,
+            max_batch_weight=max_batch_weight,
+            element_size_fn=element_size_fn,
+            batch_length_fn=batch_length_fn,
+            batch_bucket_boundaries=batch_bucket_boundaries,
+            **kwargs,
+        )
+
+    def load_model(self) -> Any:
+        """Load the pickled or joblib model; a missing or corrupt file names its path."""
+        with loading_model(self._model_uri, "scikit-learn model"):
+            return super().load_model()
+
+    def run_inference(
+        self,
+        batch: Sequence[pandas.DataFrame],
+        model: Any,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        """Predict a batch of single-row frames; one ``PredictionResult`` per frame."""
+        for index, frame in enumerate(batch):
+            if len(frame) != 1:
+                raise ValueError(
+                    "Only dataframes with single rows are supported. "
+                    f"(element {index} has {len(frame)} rows)"
+                )
+
+        def run(part: Sequence[pandas.DataFrame]) -> list[PredictionResult]:
+            if self._model_inference_fn is _BEAM_PANDAS_FN:
+                # One concat; the frames themselves are the per-row splits Beam makes by iloc.
+                predictions = model.predict(pandas.concat(part, axis=0))
+                examples: Sequence[pandas.DataFrame] = part
+            else:
+                predictions, examples = self._model_inference_fn(model, part, inference_args)
+            return prediction_results(examples, predictions, self._model_uri)
+
+        return run_splitting_on_oom(run, batch)

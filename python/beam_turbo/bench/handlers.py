@@ -32,7 +32,7 @@ class Case:
     goal: float
 
 
-def _drive(handler: Any, model: Any, batch: list[Any]) -> Callable[[], object]:
+def drive(handler: Any, model: Any, batch: list[Any]) -> Callable[[], object]:
     def call() -> object:
         results = list(handler.run_inference(batch, model))
         return results, handler.get_num_bytes(batch)
@@ -160,12 +160,12 @@ def run(args: argparse.Namespace) -> int:
             cases.append(tensorflow_case(folder))
         for case in cases:
             beam = measure(
-                _drive(case.beam, case.beam.load_model(), case.batch),
+                drive(case.beam, case.beam.load_model(), case.batch),
                 rounds=rounds,
                 min_round_secs=secs,
             )
             ours = measure(
-                _drive(case.ours, case.ours.load_model(), case.batch),
+                drive(case.ours, case.ours.load_model(), case.batch),
                 rounds=rounds,
                 min_round_secs=secs,
             )

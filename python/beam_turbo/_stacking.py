@@ -10,7 +10,7 @@ metadata from Python costs more than ``torch.stack`` spends per tensor).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
@@ -94,48 +94,71 @@ def set_pool_limit(nbytes: int) -> int:
     return _native.set_pool_limit(nbytes)
 
 
+Converter = Callable[[Any, int], Batch]
+
+# How to view each type of element seen so far, so that a batch of one foreign type probes
+# the first element only (probing a TensorFlow tensor for a missing attribute costs ~1 us).
+_CONVERTERS: dict[type, Converter] = {}
+
+
 def _as_ndarray(obj: Any, index: int) -> Batch:
     """A numpy view (no copy) of element ``index``, which is not a numpy array."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.Tensor):
-        return _tensor_view(torch, obj, f"element {index}")
+    convert = _CONVERTERS.get(type(obj))
+    if convert is None:
+        convert, cacheable = _converter_for(obj, index)
+        if cacheable and len(_CONVERTERS) < 64:
+            _CONVERTERS[type(obj)] = convert
     try:
-        interface = getattr(obj, "__array_interface__", None)
-        if interface is not None:
-            return _from_interface(obj, interface, index)
-        try:
-            view = memoryview(obj)
-        except TypeError:
-            pass
-        else:
-            return np.asarray(view)
-        if hasattr(obj, "__dlpack__"):
-            return np.from_dlpack(obj)
-        if hasattr(obj, "__array__"):
-            array = np.asarray(obj)
-            if array.dtype.hasobject:
-                raise InvalidTypeError(
-                    f"element {index} ({type(obj).__name__}) has shape {array.shape} and dtype "
-                    "object; object arrays hold references, not values, and cannot be stacked"
-                )
-            return array
+        return convert(obj, index)
+    except (InvalidInputError, InvalidTypeError):
+        raise
     except (ValueError, TypeError, BufferError, RuntimeError) as err:
-        if isinstance(err, InvalidTypeError):
-            raise
         raise InvalidInputError(
             f"element {index} ({type(obj).__name__}) could not be read as an array: {err}"
         ) from err
+
+
+def _converter_for(obj: Any, index: int) -> tuple[Converter, bool]:
+    """How to view ``obj``, and whether every object of its type is viewed the same way."""
+    kind = type(obj)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return (lambda t, i: _tensor_view(torch, t, f"element {i}")), True
+    if getattr(obj, "__array_interface__", None) is not None:
+        # Set on the instance, an interface says nothing of other objects of the type.
+        return _from_interface, hasattr(kind, "__array_interface__")
+    try:
+        memoryview(obj)
+    except TypeError:
+        pass
+    else:
+        return (lambda o, i: np.asarray(memoryview(o))), True
+    if hasattr(obj, "__dlpack__"):
+        return (lambda o, i: np.from_dlpack(o)), hasattr(kind, "__dlpack__")
+    if hasattr(obj, "__array__"):
+        return _from_array_method, hasattr(kind, "__array__")
     raise InvalidTypeError(
-        f"element {index} is {type(obj).__name__}, which does not expose its memory "
+        f"element {index} is {kind.__name__}, which does not expose its memory "
         "(buffer protocol, __array_interface__ or __dlpack__); expected a numpy array or tensor"
     )
 
 
-def _from_interface(obj: Any, interface: dict[str, Any], index: int) -> Batch:
+def _from_array_method(obj: Any, index: int) -> Batch:
+    array = np.asarray(obj)
+    if array.dtype.hasobject:
+        raise InvalidTypeError(
+            f"element {index} ({type(obj).__name__}) has shape {array.shape} and dtype "
+            "object; object arrays hold references, not values, and cannot be stacked"
+        )
+    return array
+
+
+def _from_interface(obj: Any, index: int) -> Batch:
     """A view of an ``__array_interface__`` exporter, checked to lie inside its buffer.
 
     A raw ``(address, read_only)`` pointer cannot be checked and is trusted, as numpy does.
     """
+    interface = obj.__array_interface__
     array = np.asarray(obj)
     data = interface.get("data")
     if isinstance(data, tuple):

@@ -8,5 +8,6 @@ maps the subcommand name to its module.
 from __future__ import annotations
 
 BENCHMARKS: dict[str, str] = {
+    "cache": "beam_turbo.bench.cache",
     "stack": "beam_turbo.bench.stack",
 }

@@ -60,6 +60,16 @@ fn same(a: &Py<PyAny>, b: &Py<PyAny>) -> bool {
         })
 }
 
+fn call_loader(loader: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    if !loader.is_callable() {
+        return Err(PyTypeError::new_err(format!(
+            "loader must be a callable taking no arguments, got {}",
+            loader.get_type().name()?
+        )));
+    }
+    loader.call0().map(Bound::unbind)
+}
+
 /// A process-wide cache of loaded models, shared by every thread: one model per key.
 ///
 /// ``acquire(key, loader, tag=None)`` returns the model for ``key``, calling ``loader()`` only
@@ -122,21 +132,15 @@ impl ModelCache {
         loader: &Bound<'_, PyAny>,
         tag: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        if !loader.is_callable() {
-            return Err(PyTypeError::new_err(format!(
-                "loader must be a callable taking no arguments, got {}",
-                loader.get_type().name()?
-            )));
-        }
         let key = PyKey { hash: key.hash()?, key: key.clone().unbind() };
         let tag = PyTag(tag.map_or_else(|| py.None(), |t| t.clone().unbind()));
-        self.core
-            .acquire(key, tag, || loader.call0().map(Bound::unbind), &ReleaseGil(py), |model| model.clone_ref(py))
-            .map_err(|err| match err {
+        self.core.acquire(key, tag, || call_loader(loader), &ReleaseGil(py), |model| model.clone_ref(py)).map_err(
+            |err| match err {
                 AcquireError::Load(err) => Arc::try_unwrap(err).unwrap_or_else(|shared| shared.clone_ref(py)),
                 AcquireError::Interrupted(err) => err,
                 AcquireError::Cache(err) => PyCoreError(err).into(),
-            })
+            },
+        )
     }
 
     /// Forgets ``key``'s model (a load of it in progress still returns to its callers but is

@@ -11,6 +11,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from beam_turbo import errors
+from beam_turbo._native import ModelCache
 from beam_turbo._stacking import set_pool_limit, stack
 
 try:
@@ -18,4 +19,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["__version__", "errors", "set_pool_limit", "stack"]
+__all__ = ["ModelCache", "__version__", "errors", "set_pool_limit", "stack"]

@@ -1,12 +1,13 @@
 """Type stubs of beam_turbo._native (checked against the built module by stubtest)."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, final
 
 import numpy as np
 
 __all__ = [
     "BatchMemory",
+    "ModelCache",
     "check_bounds",
     "empty",
     "first_unlike",
@@ -21,6 +22,23 @@ class BatchMemory:
 
     @property
     def nbytes(self) -> int: ...
+
+@final
+class ModelCache:
+    """A process-wide cache of loaded models, shared by every thread: one model per key."""
+
+    def __new__(cls, *, max_models: int | None = None) -> ModelCache: ...
+    @classmethod
+    def default(cls) -> ModelCache: ...
+    def acquire(self, key: Hashable, loader: Callable[[], Any], tag: Any = None) -> Any: ...
+    def invalidate(self, key: Hashable) -> bool: ...
+    def clear(self) -> None: ...
+    def stats(self) -> dict[str, int | float]: ...
+    @property
+    def max_models(self) -> int | None: ...
+    def __reduce__(self) -> tuple[Callable[..., ModelCache], tuple[Any, ...]]: ...
+    @staticmethod
+    def _resolve(id: int, max_models: int | None) -> ModelCache: ...
 
 def stack(
     arrays: Iterable[Any],

@@ -8,6 +8,7 @@ maps the subcommand name to its module.
 from __future__ import annotations
 
 BENCHMARKS: dict[str, str] = {
+    "cache": "beam_turbo.bench.cache",
     "stack": "beam_turbo.bench.stack",
     "handlers": "beam_turbo.bench.handlers",
 }

@@ -91,6 +91,9 @@ pub enum CoreError {
 
     #[error("{0}")]
     InvalidArgument(String),
+
+    #[error("a model loader acquired the key it is loading from the same cache; it would wait for itself")]
+    ReentrantLoad,
 }
 
 impl CoreError {
@@ -107,7 +110,8 @@ impl CoreError {
             | Self::PadValue { .. }
             | Self::Out { .. }
             | Self::OutOverlaps { .. }
-            | Self::InvalidArgument(_) => ErrorKind::Value,
+            | Self::InvalidArgument(_)
+            | Self::ReentrantLoad => ErrorKind::Value,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! The `beam-turbo-py` crate wraps these for Python as `beam_turbo._native`; every decision
 //! is made here, so it can be tested with plain `cargo test`.
 
+pub mod cache;
 pub mod error;
 pub mod memory;
 pub mod stack;

@@ -1,6 +1,7 @@
 //! The one mapping from core errors to Python exceptions, and the one place that releases
 //! the GIL around core work.
 
+use beam_turbo_core::cache::Waiter;
 use beam_turbo_core::{CoreError, ErrorKind};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -58,4 +59,18 @@ impl From<PyCoreError> for PyErr {
 /// Runs `work` with the GIL released and turns its error into the matching Python exception.
 pub fn detached<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, CoreError> + Send) -> PyResult<T> {
     py.detach(work).map_err(|e| PyCoreError(e).into())
+}
+
+/// How a thread waits for another thread's model load: with the GIL released (the loader needs
+/// it), running signal handlers between waits so that Ctrl-C interrupts it.
+pub struct ReleaseGil<'py>(pub Python<'py>);
+
+impl Waiter<PyErr> for ReleaseGil<'_> {
+    fn block<R: Send>(&self, wait: impl FnOnce() -> R + Send) -> R {
+        self.0.detach(wait)
+    }
+
+    fn interrupted(&self) -> PyResult<()> {
+        self.0.check_signals()
+    }
 }

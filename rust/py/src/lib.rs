@@ -2,6 +2,7 @@
 //! arguments, calls the core (with the GIL released where there is real work) and converts
 //! the result; the decisions live in the core.
 
+mod cache;
 mod errors;
 mod stacking;
 
@@ -9,6 +10,8 @@ use pyo3::prelude::*;
 
 #[pymodule]
 mod _native {
+    #[pymodule_export]
+    use crate::cache::ModelCache;
     #[pymodule_export]
     use crate::stacking::{BatchMemory, check_bounds, empty, first_unlike, pool_usage, set_pool_limit, stack};
 }

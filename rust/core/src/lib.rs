@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod memory;
+pub mod sizer;
 pub mod stack;
 
 pub use error::{CoreError, ErrorKind};

@@ -8,5 +8,6 @@ maps the subcommand name to its module.
 from __future__ import annotations
 
 BENCHMARKS: dict[str, str] = {
+    "batching": "beam_turbo.bench.batching",
     "stack": "beam_turbo.bench.stack",
 }

@@ -36,7 +36,9 @@ def images(n: int = 64) -> list[np.ndarray]:
 
 def tokens(n: int = 256) -> list[np.ndarray]:
     rng = np.random.default_rng(2)
-    return [rng.integers(0, 30000, size=int(rng.integers(1, 513)), dtype=np.int64) for _ in range(n)]
+    return [
+        rng.integers(0, 30000, size=int(rng.integers(1, 513)), dtype=np.int64) for _ in range(n)
+    ]
 
 
 def numpy_pad_and_stack(arrays: list[np.ndarray]) -> np.ndarray:
@@ -51,7 +53,9 @@ def cases(quick: bool) -> list[Case]:
     touched = np.empty_like(img_bytes)
     tok = tokens()
     found = [
-        Case("1000 x float32[16]", lambda: stack(small), "numpy.stack", lambda: np.stack(small), 8.0),
+        Case(
+            "1000 x float32[16]", lambda: stack(small), "numpy.stack", lambda: np.stack(small), 8.0
+        ),
         Case(
             "1000 x float32[16]",
             lambda: stack(small),
@@ -66,7 +70,13 @@ def cases(quick: bool) -> list[Case]:
             lambda: np.copyto(touched, img_bytes),
             0.85,
         ),
-        Case(f"{len(img)} x float32[224,224,3]", lambda: stack(img), "numpy.stack", lambda: np.stack(img), 1.5),
+        Case(
+            f"{len(img)} x float32[224,224,3]",
+            lambda: stack(img),
+            "numpy.stack",
+            lambda: np.stack(img),
+            1.5,
+        ),
         Case(
             "256 x int64[1..512], padded",
             lambda: stack(tok, pad=0),
@@ -82,7 +92,13 @@ def cases(quick: bool) -> list[Case]:
     tensors = [torch.from_numpy(a.copy()) for a in small]
     reused = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype)
     found += [
-        Case("1000 x torch float32[16]", lambda: stack(tensors), "torch.stack", lambda: torch.stack(tensors), 1.0),
+        Case(
+            "1000 x torch float32[16]",
+            lambda: stack(tensors),
+            "torch.stack",
+            lambda: torch.stack(tensors),
+            1.0,
+        ),
         Case(
             "1000 x torch float32[16], out=reused",
             lambda: stack(tensors, out=reused),
@@ -135,5 +151,7 @@ def run(args: argparse.Namespace) -> int:
     print("beam_turbo.stack against the alternatives (best of rounds; ratio = theirs / ours)\n")
     print_table(["inputs", "against", "beam-turbo", "theirs", "speed-up", "goal", "met"], rows)
     before, after = resident_growth(1000 if args.quick else 10_000)
-    print(f"\npeak resident memory: {before:.1f} MiB after warm-up, {after:.1f} MiB after the calls")
+    print(
+        f"\npeak resident memory: {before:.1f} MiB after warm-up, {after:.1f} MiB after the calls"
+    )
     return 0

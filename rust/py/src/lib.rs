@@ -3,12 +3,15 @@
 //! the result; the decisions live in the core.
 
 mod errors;
+mod sizer;
 mod stacking;
 
 use pyo3::prelude::*;
 
 #[pymodule]
 mod _native {
+    #[pymodule_export]
+    use crate::sizer::BatchSizer;
     #[pymodule_export]
     use crate::stacking::{BatchMemory, empty, pool_usage, set_pool_limit, stack};
 }

@@ -11,12 +11,21 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from beam_turbo import errors
-from beam_turbo._native import ModelCache
+from beam_turbo._native import BatchSizer, ModelCache
 from beam_turbo._stacking import set_pool_limit, stack
+from beam_turbo.batching import BatchElements
 
 try:
     __version__ = version("beam-turbo")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["ModelCache", "__version__", "errors", "set_pool_limit", "stack"]
+__all__ = [
+    "BatchElements",
+    "BatchSizer",
+    "ModelCache",
+    "__version__",
+    "errors",
+    "set_pool_limit",
+    "stack",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 BENCHMARKS: dict[str, str] = {
     "cache": "beam_turbo.bench.cache",
+    "batching": "beam_turbo.bench.batching",
     "stack": "beam_turbo.bench.stack",
     "handlers": "beam_turbo.bench.handlers",
 }

@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod error;
 pub mod memory;
+pub mod sizer;
 pub mod stack;
 
 pub use error::{CoreError, ErrorKind};

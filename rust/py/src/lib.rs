@@ -4,6 +4,7 @@
 
 mod cache;
 mod errors;
+mod sizer;
 mod stacking;
 
 use pyo3::prelude::*;
@@ -12,6 +13,8 @@ use pyo3::prelude::*;
 mod _native {
     #[pymodule_export]
     use crate::cache::ModelCache;
+    #[pymodule_export]
+    use crate::sizer::BatchSizer;
     #[pymodule_export]
     use crate::stacking::{BatchMemory, check_bounds, empty, first_unlike, pool_usage, set_pool_limit, stack};
 }

@@ -1,0 +1,99 @@
+"""The one home of everything beam-turbo takes from Beam's private internals.
+
+Names here are not in Beam's public API (``__all__`` or documented classes) and may change
+between releases, so they are imported only after checking that the installed Beam is a
+release they were read from. Another version fails at import with an error that says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apache_beam
+
+#: The Beam releases whose internals this module was written against.
+SUPPORTED_BEAM = "2.77"
+
+
+class UnsupportedBeamVersionError(ImportError):
+    """The installed Beam is not a release whose internals beam-turbo knows."""
+
+
+def check_beam_version(version: str = apache_beam.__version__) -> None:
+    """Raise :class:`UnsupportedBeamVersionError` unless ``version`` is a supported release.
+
+    Example:
+        >>> check_beam_version("2.77.1")
+        >>> check_beam_version("2.78.0")
+        Traceback (most recent call last):
+        ...
+        beam_turbo._beam_internals.UnsupportedBeamVersionError: ...
+    """
+    if version != SUPPORTED_BEAM and not version.startswith(SUPPORTED_BEAM + "."):
+        raise UnsupportedBeamVersionError(
+            f"beam-turbo {SUPPORTED_BEAM}.x uses private parts of apache-beam {SUPPORTED_BEAM}.x "
+            f"(apache_beam.transforms.util), but apache-beam {version} is installed; install "
+            f'"apache-beam=={SUPPORTED_BEAM}.*" or a beam-turbo release made for {version}'
+        )
+
+
+check_beam_version()
+
+# The checked imports. Keep this list short: each is a promise about Beam's internals.
+from apache_beam.transforms.util import (  # noqa: E402
+    WithLengthBucketKey,
+    WithSharedKey,
+    _BatchSizeEstimator,
+)
+from apache_beam.transforms.window import GlobalWindows  # noqa: E402
+from apache_beam.utils.windowed_value import WindowedValue  # noqa: E402
+
+#: Beam's metric namespace and names for batching (``_BatchSizeEstimator``), kept identical
+#: so that dashboards built on stock Beam keep working.
+METRICS_NAMESPACE = "BatchElements"
+BATCH_SIZE_METRIC = "batch_size"
+MSEC_PER_BATCH_METRIC = "msec_per_batch"
+
+#: Beam's default length buckets for ``length_fn`` (``BatchElements._DEFAULT_BUCKET_BOUNDARIES``).
+DEFAULT_BUCKET_BOUNDARIES: list[int] = [16, 32, 64, 128, 256, 512]
+
+#: At most this many windows are batched at once before the fullest is emitted
+#: (``_WindowAwareBatchingDoFn._MAX_LIVE_WINDOWS``).
+MAX_LIVE_WINDOWS = 10
+
+
+def at_end_of_global_window(value: Any) -> Any:
+    """``value`` in the global window, at its end (as Beam's batching emits batches)."""
+    return GlobalWindows.windowed_value_at_end_of_window(value)  # type: ignore[no-untyped-call]
+
+
+def shared_key_dofn() -> Any:
+    """Beam's DoFn keying elements by a per-process id, for its stateful batching."""
+    return WithSharedKey()  # type: ignore[no-untyped-call]
+
+
+def length_bucket_key_dofn(length_fn: Any, boundaries: Any) -> Any:
+    """Beam's DoFn keying elements by (per-process id, length bucket)."""
+    return WithLengthBucketKey(length_fn, boundaries)  # type: ignore[no-untyped-call]
+
+
+def beam_batch_size_estimator(**kwargs: Any) -> Any:
+    """Beam's own ``_BatchSizeEstimator`` (for comparisons), with ``kwargs`` as its arguments."""
+    return _BatchSizeEstimator(**kwargs)  # type: ignore[no-untyped-call]
+
+
+__all__ = [
+    "BATCH_SIZE_METRIC",
+    "DEFAULT_BUCKET_BOUNDARIES",
+    "MAX_LIVE_WINDOWS",
+    "METRICS_NAMESPACE",
+    "MSEC_PER_BATCH_METRIC",
+    "SUPPORTED_BEAM",
+    "UnsupportedBeamVersionError",
+    "WindowedValue",
+    "at_end_of_global_window",
+    "beam_batch_size_estimator",
+    "check_beam_version",
+    "length_bucket_key_dofn",
+    "shared_key_dofn",
+]

@@ -1,0 +1,526 @@
+# Beam's DoFn API declares state and timers as call defaults (DoFn.StateParam(...)).
+# ruff: noqa: B008
+"""``beam_turbo.BatchElements``: Beam's ``BatchElements``, sized by :class:`~beam_turbo.BatchSizer`.
+
+Same arguments, defaults and meaning as ``apache_beam.BatchElements`` (Beam 2.77), the same
+outputs (lists, emitted at the end of their window), the same metrics, and the same stateful
+mode for streaming (``max_batch_duration_secs``), plus ``max_batch_weight``. Differences, all
+deliberate:
+
+* Batch sizes come from :class:`~beam_turbo.BatchSizer`: they settle on the target and stay
+  there instead of jittering by +/-``variance``, and they back off after memory failures that
+  the downstream work reports to the sizer.
+* An element heavier than the target size goes out alone. (Beam emits an empty batch before
+  it, then batches it with what follows.)
+* Element weights (``element_size_fn``) are honoured in the stateful mode too. (Beam counts
+  elements there.)
+* ``max_batch_weight`` caps a batch's total weight. Beam's ``ModelHandler`` accepts it, but
+  ``beam.BatchElements`` in 2.72-2.77 does not, so RunInference fails with a ``TypeError``.
+* A batch is emitted as soon as it reaches its target, rather than when the next element
+  arrives, and the first batch after a DoFn's setup (not of every bundle) goes untimed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam import coders
+from apache_beam.coders import typecoders
+from apache_beam.metrics.metric import Metrics
+from apache_beam.pvalue import PCollection
+from apache_beam.transforms.combiners import CountCombineFn
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (
+    BagStateSpec,
+    CombiningValueStateSpec,
+    ReadModifyWriteStateSpec,
+    TimerSpec,
+    on_timer,
+)
+
+from beam_turbo import _beam_internals as internals
+from beam_turbo._native import BatchSizer
+from beam_turbo.errors import InvalidInputError
+
+__all__ = ["BatchElements"]
+
+
+#: What ``process`` returns for an element that completes no batch: nothing to emit. (Named,
+#: because Beam warns about DoFns whose source says ``return None``.)
+_NO_OUTPUT = None
+
+
+def _unit_weight(element: Any) -> int:
+    """Every element weighs 1 (Beam's default ``element_size_fn``)."""
+    return 1
+
+
+class _Timing:
+    """Times batches for the sizer and records Beam's batching metrics.
+
+    Beam's distributions take integers, so milliseconds below one are carried over to the
+    next batch, as Beam does.
+    """
+
+    def __init__(self, clock: Callable[[], Any], record_metrics: bool) -> None:
+        self._clock = clock
+        self._record_metrics = record_metrics
+        self._remainder_msecs = 0.0
+        self._sizes: Any = None
+        self._times: Any = None
+
+    def setup(self) -> None:
+        if self._record_metrics:
+            self._sizes = Metrics.distribution(
+                internals.METRICS_NAMESPACE, internals.BATCH_SIZE_METRIC
+            )
+            self._times = Metrics.distribution(
+                internals.METRICS_NAMESPACE, internals.MSEC_PER_BATCH_METRIC
+            )
+
+    def now(self) -> Any:
+        return self._clock()
+
+    def done(self, sizer: BatchSizer | None, weight: float, start: Any) -> None:
+        """A batch of ``weight`` emitted at ``start`` was processed downstream."""
+        elapsed = float(self._clock() - start)
+        msecs = 1e3 * elapsed + self._remainder_msecs
+        self._remainder_msecs = msecs - int(msecs)
+        if self._sizes is not None:
+            self._sizes.update(int(weight))
+            self._times.update(int(msecs))
+        if sizer is not None:
+            sizer.record(weight, elapsed)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Metric cells are per worker: made again in setup().
+        return {**self.__dict__, "_sizes": None, "_times": None}
+
+
+class _BatchingDoFn(beam.DoFn):
+    """Batches the elements of a bundle in the global window."""
+
+    def __init__(
+        self,
+        sizer: BatchSizer,
+        element_size_fn: Callable[[Any], float],
+        max_batch_weight: float | None,
+        timing: _Timing,
+    ) -> None:
+        self._sizer = sizer
+        self._weigh = element_size_fn
+        self._max_weight = float("inf") if max_batch_weight is None else max_batch_weight
+        self._timing = timing
+        self._untimed = True
+        self._batch: list[Any] = []
+        self._weight: float = 0
+        self._target: float = 1
+
+    def setup(self) -> None:
+        self._timing.setup()
+        # Downstream setup (loading a model) would make the first timing meaningless.
+        self._untimed = True
+
+    def _next_target(self) -> None:
+        self._target = min(self._sizer.next_size(), self._max_weight)
+
+    def start_bundle(self) -> None:
+        self._batch = []
+        self._weight = 0
+        self._next_target()
+
+    def _emit(self, batch: list[Any], weight: float) -> Iterator[Any]:
+        start = self._timing.now()
+        yield internals.at_end_of_global_window(batch)
+        self._timing.done(None if self._untimed else self._sizer, weight, start)
+        self._untimed = False
+        self._next_target()
+
+    def process(self, element: Any) -> Iterator[Any] | None:
+        weight = self._weigh(element)
+        if self._batch and self._weight + weight > self._target:
+            full, full_weight = self._batch, self._weight
+            self._batch, self._weight = [], 0
+            return self._emit_then_add(full, full_weight, element, weight)
+        self._batch.append(element)
+        self._weight += weight
+        if self._weight >= self._target:
+            full, full_weight = self._batch, self._weight
+            self._batch, self._weight = [], 0
+            return self._emit(full, full_weight)
+        return _NO_OUTPUT
+
+    def _emit_then_add(
+        self, full: list[Any], full_weight: float, element: Any, weight: float
+    ) -> Iterator[Any]:
+        """The batch that ``element`` does not fit in goes out; the element starts the next,
+        and goes out alone at once if it alone reaches the (new) target."""
+        yield from self._emit(full, full_weight)
+        self._batch.append(element)
+        self._weight += weight
+        if self._weight >= self._target:
+            full, full_weight = self._batch, self._weight
+            self._batch, self._weight = [], 0
+            yield from self._emit(full, full_weight)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        if self._batch:
+            batch, weight = self._batch, self._weight
+            self._batch, self._weight = [], 0
+            yield from self._emit(batch, weight)
+
+
+class _UnitBatchingDoFn(_BatchingDoFn):
+    """:class:`_BatchingDoFn` for elements that all weigh 1: no per-element call."""
+
+    def process(self, element: Any) -> Iterator[Any] | None:
+        batch = self._batch
+        batch.append(element)
+        if len(batch) >= self._target:
+            self._batch = []
+            return self._emit(batch, len(batch))
+        return _NO_OUTPUT
+
+    def finish_bundle(self) -> Iterator[Any]:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            yield from self._emit(batch, len(batch))
+
+
+class _SizedBatch:
+    __slots__ = ("elements", "weight")
+
+    def __init__(self) -> None:
+        self.elements: list[Any] = []
+        self.weight: float = 0
+
+
+class _WindowAwareBatchingDoFn(beam.DoFn):
+    """Batches per window; at most ``MAX_LIVE_WINDOWS`` are held, then the fullest goes out."""
+
+    def __init__(
+        self,
+        sizer: BatchSizer,
+        element_size_fn: Callable[[Any], float],
+        max_batch_weight: float | None,
+        timing: _Timing,
+    ) -> None:
+        self._sizer = sizer
+        self._weigh = element_size_fn
+        self._max_weight = float("inf") if max_batch_weight is None else max_batch_weight
+        self._timing = timing
+        self._untimed = True
+        self._batches: dict[Any, _SizedBatch] = {}
+        self._target: float = 1
+
+    def setup(self) -> None:
+        self._timing.setup()
+        self._untimed = True
+
+    def start_bundle(self) -> None:
+        self._batches = {}
+        self._target = min(self._sizer.next_size(), self._max_weight)
+
+    def _emit(self, win: Any, batch: _SizedBatch) -> Iterator[Any]:
+        start = self._timing.now()
+        yield internals.WindowedValue(batch.elements, win.max_timestamp(), (win,))
+        self._timing.done(None if self._untimed else self._sizer, batch.weight, start)
+        self._untimed = False
+        self._target = min(self._sizer.next_size(), self._max_weight)
+
+    def process(self, element: Any, win: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        weight = self._weigh(element)
+        batch = self._batches.get(win)
+        if batch is not None and batch.elements and batch.weight + weight > self._target:
+            del self._batches[win]
+            yield from self._emit(win, batch)
+            batch = None
+        if batch is None:
+            batch = self._batches[win] = _SizedBatch()
+        batch.elements.append(element)
+        batch.weight += weight
+        if batch.weight >= self._target:
+            del self._batches[win]
+            yield from self._emit(win, batch)
+        if len(self._batches) > internals.MAX_LIVE_WINDOWS:
+            fullest = max(self._batches, key=lambda w: self._batches[w].weight)
+            yield from self._emit(fullest, self._batches.pop(fullest))
+
+    def finish_bundle(self) -> Iterator[Any]:
+        batches, self._batches = self._batches, {}
+        for win, batch in batches.items():
+            yield from self._emit(win, batch)
+
+
+class _SumWeights(beam.CombineFn):
+    """Sums element weights in a float accumulator (the state's coder is FloatCoder)."""
+
+    def create_accumulator(self) -> float:
+        return 0.0
+
+    def add_input(self, total: float, weight: float) -> float:
+        return total + weight
+
+    def merge_accumulators(self, totals: Any) -> float:
+        return float(sum(totals))
+
+    def extract_output(self, total: float) -> float:
+        return total
+
+
+def _stateful_batching_dofn(
+    input_coder: coders.Coder,
+    sizer: BatchSizer,
+    element_size_fn: Callable[[Any], float],
+    max_batch_weight: float | None,
+    max_buffering_secs: float,
+    timing: _Timing,
+) -> beam.DoFn:
+    """Beam's stateful batching (batches across bundles, flushed by size, window end or a
+    processing-time limit), with the sizer kept in state and element weights honoured."""
+    elements_state = BagStateSpec("values", input_coder)
+    count_state = CombiningValueStateSpec(
+        "count",
+        coders.VarIntCoder(),
+        CountCombineFn(),  # type: ignore[no-untyped-call]
+    )
+    weight_state = CombiningValueStateSpec("weight", coders.FloatCoder(), _SumWeights())  # type: ignore[no-untyped-call]
+    target_state = ReadModifyWriteStateSpec("batch_size", coders.FloatCoder())
+    sizer_state = ReadModifyWriteStateSpec("batch_estimator", coders.PickleCoder())
+    window_timer = TimerSpec("window_end", TimeDomain.WATERMARK)
+    buffering_timer = TimerSpec("buffering_end", TimeDomain.REAL_TIME)
+    max_weight = float("inf") if max_batch_weight is None else max_batch_weight
+
+    class _StatefulBatchingDoFn(beam.DoFn):
+        def setup(self) -> None:
+            timing.setup()
+
+        def process(
+            self,
+            element: Any,
+            win: Any = beam.DoFn.WindowParam,
+            elements: Any = beam.DoFn.StateParam(elements_state),
+            count: Any = beam.DoFn.StateParam(count_state),
+            weight: Any = beam.DoFn.StateParam(weight_state),
+            target: Any = beam.DoFn.StateParam(target_state),
+            sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
+            window_end: Any = beam.DoFn.TimerParam(window_timer),
+            buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
+        ) -> Iterator[Any]:
+            window_end.set(win.end)
+            value = element[1]  # the key only spreads the work; batches hold the values
+            element_weight = element_size_fn(value)
+            goal = target.read()
+            if goal is None:
+                sizer_in_state.write(sizer)
+                goal = min(sizer.next_size(), max_weight)
+                target.write(goal)
+            state = (elements, count, weight, target, sizer_in_state, buffering_end)
+            if count.read() and weight.read() + element_weight > goal:
+                yield from self._flush(*state)
+                goal = target.read()
+            elements.add(value)
+            count.add(1)
+            weight.add(element_weight)
+            if count.read() == 1 and max_buffering_secs > 0:
+                buffering_end.set(timing.now() + max_buffering_secs)
+            if weight.read() >= goal:
+                yield from self._flush(*state)
+
+        @on_timer(window_timer)
+        def on_window_end(
+            self,
+            elements: Any = beam.DoFn.StateParam(elements_state),
+            count: Any = beam.DoFn.StateParam(count_state),
+            weight: Any = beam.DoFn.StateParam(weight_state),
+            target: Any = beam.DoFn.StateParam(target_state),
+            sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
+            buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
+        ) -> Iterator[Any]:
+            yield from self._flush(elements, count, weight, target, sizer_in_state, buffering_end)
+
+        @on_timer(buffering_timer)
+        def on_buffering_end(
+            self,
+            elements: Any = beam.DoFn.StateParam(elements_state),
+            count: Any = beam.DoFn.StateParam(count_state),
+            weight: Any = beam.DoFn.StateParam(weight_state),
+            target: Any = beam.DoFn.StateParam(target_state),
+            sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
+            buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
+        ) -> Iterator[Any]:
+            yield from self._flush(elements, count, weight, target, sizer_in_state, buffering_end)
+
+        def _flush(
+            self,
+            elements: Any,
+            count: Any,
+            weight: Any,
+            target: Any,
+            sizer_in_state: Any,
+            buffering_end: Any,
+        ) -> Iterator[Any]:
+            batch = list(elements.read())
+            if not batch:
+                return
+            batch_weight = weight.read()
+            elements.clear()
+            count.clear()
+            weight.clear()
+            state_sizer = sizer_in_state.read() or sizer
+            start = timing.now()
+            yield batch
+            timing.done(state_sizer, batch_weight, start)
+            target.write(min(state_sizer.next_size(), max_weight))
+            sizer_in_state.write(state_sizer)
+            buffering_end.clear()
+
+    return _StatefulBatchingDoFn()  # type: ignore[no-untyped-call]
+
+
+def _pardo(fn: beam.DoFn) -> Any:
+    """``beam.ParDo(fn)``, which Beam does not annotate."""
+    return beam.ParDo(fn)  # type: ignore[no-untyped-call]
+
+
+class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
+    """Batch elements for amortized processing, sized adaptively by :class:`BatchSizer`.
+
+    A drop-in for ``apache_beam.BatchElements``: it consumes a ``PCollection[T]`` and produces
+    a ``PCollection[list[T]]``, batched per window (each batch at the end of its window), with
+    batch sizes chosen from the time the downstream (fused) work takes on each batch, so that
+    the fixed cost per batch stays under ``target_batch_overhead`` and a batch under
+    ``target_batch_duration_secs``.
+
+    Args:
+        min_batch_size: the smallest size of a batch.
+        max_batch_size: the largest size of a batch.
+        target_batch_overhead: a target for fixed cost / total time of a batch.
+        target_batch_duration_secs: a target for a batch's time, excluding its fixed cost.
+        target_batch_duration_secs_including_fixed_cost: a target for a batch's total time.
+        max_batch_duration_secs: the longest a batch may be buffered before it is emitted.
+            Setting it uses the stateful implementation, which batches across bundles
+            (streaming): elements are keyed per worker (or per length bucket), held in state,
+            and flushed when the batch is full, its window ends, or this much processing time
+            has passed since its first element.
+        element_size_fn: an element's weight (default 1). With it, the batch-size bounds and
+            targets are in total weight, and batches hold a varying number of elements.
+        variance: accepted for compatibility; Beam jitters sizes by this much, beam-turbo
+            does not.
+        clock: an alternative to ``time.time`` to time downstream work (for tests).
+        record_metrics: record Beam's ``BatchElements`` distributions ``batch_size`` and
+            ``msec_per_batch``.
+        length_fn: in the stateful mode with ``bucket_boundaries``, an element's length:
+            elements of similar length are batched together (less padding).
+        bucket_boundaries: sorted positive length boundaries, lower-inclusive; default
+            ``[16, 32, 64, 128, 256, 512]`` when ``length_fn`` is set.
+        max_batch_weight: a cap on a batch's total weight (``element_size_fn``). An element
+            heavier than the cap goes out alone.
+
+    Raises:
+        InvalidInputError (a ValueError): invalid targets, bounds or bucket boundaries, with
+            Beam's messages.
+
+    Example:
+        >>> import apache_beam as beam
+        >>> from beam_turbo import BatchElements
+        >>> with beam.Pipeline() as p:
+        ...     _ = (
+        ...         p
+        ...         | beam.Create(range(10))
+        ...         | BatchElements(min_batch_size=4, max_batch_size=4)
+        ...         | beam.Map(len)
+        ...         | beam.Map(print)
+        ...     )
+        4
+        4
+        2
+    """
+
+    def __init__(
+        self,
+        min_batch_size: int = 1,
+        max_batch_size: int = 10000,
+        target_batch_overhead: float | None = 0.05,
+        target_batch_duration_secs: float | None = 10,
+        target_batch_duration_secs_including_fixed_cost: float | None = None,
+        max_batch_duration_secs: float | None = None,
+        *,
+        element_size_fn: Callable[[Any], float] = _unit_weight,
+        variance: float = 0.25,
+        clock: Callable[[], Any] = time.time,
+        record_metrics: bool = True,
+        length_fn: Callable[[Any], int] | None = None,
+        bucket_boundaries: Sequence[float] | None = None,
+        max_batch_weight: float | None = None,
+    ) -> None:
+        super().__init__()
+        if bucket_boundaries is not None and length_fn is None:
+            raise InvalidInputError("bucket_boundaries requires length_fn to be set.")
+        if bucket_boundaries is not None and (
+            not bucket_boundaries
+            or any(b <= 0 for b in bucket_boundaries)
+            or list(bucket_boundaries) != sorted(bucket_boundaries)
+        ):
+            raise InvalidInputError(
+                "bucket_boundaries must be a non-empty sorted list of positive values."
+            )
+        if max_batch_weight is not None and not max_batch_weight > 0:
+            raise InvalidInputError(f"max_batch_weight ({max_batch_weight}) must be positive")
+        self._sizer = BatchSizer(
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            target_batch_overhead=target_batch_overhead,
+            target_batch_duration_secs=target_batch_duration_secs,
+            target_batch_duration_secs_including_fixed_cost=(
+                target_batch_duration_secs_including_fixed_cost
+            ),
+            variance=variance,
+        )
+        self._element_size_fn = element_size_fn
+        self._max_batch_weight = max_batch_weight
+        self._max_batch_dur = max_batch_duration_secs
+        self._clock = clock
+        self._record_metrics = record_metrics
+        self._length_fn = length_fn
+        if length_fn is not None and bucket_boundaries is None:
+            self._bucket_boundaries: list[float] | None = list(internals.DEFAULT_BUCKET_BOUNDARIES)
+        else:
+            self._bucket_boundaries = None if bucket_boundaries is None else list(bucket_boundaries)
+
+    def expand(self, pcoll: PCollection[Any]) -> PCollection[list[Any]]:
+        timing = _Timing(self._clock, self._record_metrics)
+        batches: PCollection[list[Any]]
+        if self._max_batch_dur is not None:
+            coder = typecoders.registry.get_coder(pcoll)
+            if self._length_fn is not None:
+                keying = internals.length_bucket_key_dofn(self._length_fn, self._bucket_boundaries)
+            else:
+                keying = internals.shared_key_dofn()
+            batches = (
+                pcoll
+                | "Key" >> _pardo(keying)
+                | "Batch"
+                >> _pardo(
+                    _stateful_batching_dofn(
+                        coder,
+                        self._sizer,
+                        self._element_size_fn,
+                        self._max_batch_weight,
+                        self._max_batch_dur,
+                        timing,
+                    )
+                )
+            )
+            return batches
+        args = (self._sizer, self._element_size_fn, self._max_batch_weight, timing)
+        if not pcoll.windowing.is_default():  # type: ignore[no-untyped-call]
+            batches = pcoll | _pardo(_WindowAwareBatchingDoFn(*args))
+        elif self._element_size_fn is _unit_weight:
+            batches = pcoll | _pardo(_UnitBatchingDoFn(*args))
+        else:
+            batches = pcoll | _pardo(_BatchingDoFn(*args))
+        return batches

@@ -12,8 +12,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from beam_turbo import errors
 from beam_turbo._native import BatchSizer, ModelCache
+from beam_turbo._patch import patch, unpatch
 from beam_turbo._stacking import set_pool_limit, stack
 from beam_turbo.batching import BatchElements
+from beam_turbo.inference import RunInference
 
 try:
     __version__ = version("beam-turbo")
@@ -24,8 +26,11 @@ __all__ = [
     "BatchElements",
     "BatchSizer",
     "ModelCache",
+    "RunInference",
     "__version__",
     "errors",
+    "patch",
     "set_pool_limit",
     "stack",
+    "unpatch",
 ]

@@ -32,7 +32,8 @@ def check_beam_version(version: str = apache_beam.__version__) -> None:
     if version != SUPPORTED_BEAM and not version.startswith(SUPPORTED_BEAM + "."):
         raise UnsupportedBeamVersionError(
             f"beam-turbo {SUPPORTED_BEAM}.x uses private parts of apache-beam {SUPPORTED_BEAM}.x "
-            f"(apache_beam.transforms.util), but apache-beam {version} is installed; install "
+            "(apache_beam.transforms.util, apache_beam.ml.inference.base), "
+            f"but apache-beam {version} is installed; install "
             f'"apache-beam=={SUPPORTED_BEAM}.*" or a beam-turbo release made for {version}'
         )
 
@@ -40,6 +41,7 @@ def check_beam_version(version: str = apache_beam.__version__) -> None:
 check_beam_version()
 
 # The checked imports. Keep this list short: each is a promise about Beam's internals.
+from apache_beam.ml.inference.base import _RunInferenceDoFn as RunInferenceDoFn  # noqa: E402
 from apache_beam.transforms.util import (  # noqa: E402
     WithLengthBucketKey,
     WithSharedKey,
@@ -89,6 +91,7 @@ __all__ = [
     "METRICS_NAMESPACE",
     "MSEC_PER_BATCH_METRIC",
     "SUPPORTED_BEAM",
+    "RunInferenceDoFn",
     "UnsupportedBeamVersionError",
     "WindowedValue",
     "at_end_of_global_window",

@@ -1,9 +1,10 @@
 """What every beam-turbo model handler shares: building Beam's per-element results in one pass,
 recovering from out-of-memory errors by splitting the batch, and the batch byte-size memo.
 
-The out-of-memory recovery is one function, :func:`run_splitting_on_oom`. A handler runs its
-batch through it, unless beam-turbo's ``RunInference`` drives the handler: that transform owns
-the recovery (it also tells the batch sizer), and marks so with :func:`transform_owns_oom`.
+The out-of-memory recovery is one routine. A handler runs its batch through
+:func:`run_splitting_on_oom`; beam-turbo's ``RunInference`` runs the handler through
+:func:`run_owning_oom`, which marks the recovery as the transform's, so that the handler lets
+the error through and the splitting happens once, in the transform.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ __all__ = [
     "is_out_of_memory",
     "loading_model",
     "prediction_results",
+    "run_owning_oom",
     "run_splitting_on_oom",
-    "transform_owns_oom",
 ]
 
 T = TypeVar("T")
@@ -88,16 +89,6 @@ def _results(examples: Sequence[Any], rows: Any, model_id: str | None) -> list[P
 _OOM_OWNED: ContextVar[bool] = ContextVar("beam_turbo_oom_owned", default=False)
 
 
-@contextlib.contextmanager
-def transform_owns_oom() -> Iterator[None]:
-    """Within this block, handlers let out-of-memory errors through to the transform."""
-    token = _OOM_OWNED.set(True)
-    try:
-        yield
-    finally:
-        _OOM_OWNED.reset(token)
-
-
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` means the batch did not fit: CUDA's, TensorFlow's, or MemoryError."""
     if isinstance(error, MemoryError):
@@ -126,13 +117,14 @@ def run_splitting_on_oom(
     batch: Sequence[T],
     on_oom: Callable[[int], None] | None = None,
 ) -> list[R]:
-    """``run(batch)``, splitting the batch in halves while it fails for memory.
+    """``run(batch)``, splitting the batch in halves while it fails for memory (for handlers).
 
     A part that fails is halved until it fits (or is a single element, whose error is
     raised); the size that fit is kept for the rest of the batch, so a 1,024-element batch
     that fits only 100 at a time fails four times, not once per part. Results come back in
-    the order of ``batch``. ``on_oom(size)`` is told each size that failed. Within
-    :func:`transform_owns_oom`, the error goes straight to the caller instead.
+    the order of ``batch``. ``on_oom(size)`` is told each size that failed. Inside
+    :func:`run_owning_oom` (beam-turbo's ``RunInference``), the error goes straight through
+    to the transform instead, which splits and tells its batch sizer.
 
     Example:
         >>> def run(part):
@@ -144,6 +136,28 @@ def run_splitting_on_oom(
     """
     if _OOM_OWNED.get() or not batch:
         return run(batch)
+    return _split_on_oom(run, batch, on_oom)
+
+
+def run_owning_oom(
+    run: Callable[[Sequence[T]], list[R]],
+    batch: Sequence[T],
+    on_oom: Callable[[int], None] | None = None,
+) -> list[R]:
+    """:func:`run_splitting_on_oom` for the transform: handlers inside ``run`` let their
+    out-of-memory errors through, and the splitting happens here."""
+    token = _OOM_OWNED.set(True)
+    try:
+        return _split_on_oom(run, batch, on_oom) if batch else run(batch)
+    finally:
+        _OOM_OWNED.reset(token)
+
+
+def _split_on_oom(
+    run: Callable[[Sequence[T]], list[R]],
+    batch: Sequence[T],
+    on_oom: Callable[[int], None] | None,
+) -> list[R]:
     results: list[R] = []
     start, limit = 0, len(batch)
     while start < len(batch):

@@ -1,0 +1,262 @@
+"""beam_turbo.RunInference in real DirectRunner pipelines: Beam's results, the model cache,
+load retries, OOM splitting, exception handling, metrics, and patch()/unpatch()."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference import base
+from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy as BeamSklearn
+from apache_beam.testing.util import assert_that, equal_to
+from sklearn.linear_model import LinearRegression
+
+import beam_turbo
+from beam_turbo import RunInference
+from beam_turbo.errors import InvalidInputError, InvalidTypeError
+from beam_turbo.sklearn import SklearnModelHandlerNumpy
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    rng = np.random.default_rng(0)
+    x = rng.random((50, 3))
+    path = tmp_path_factory.mktemp("models") / "linear.pkl"
+    path.write_bytes(pickle.dumps(LinearRegression().fit(x, x @ [1.0, 2.0, 3.0])))
+    return str(path)
+
+
+def inputs(n: int = 60) -> list[np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(n)
+    return [rng.random(3) for _ in range(n)]
+
+
+def predictions(pcoll: beam.PCollection) -> beam.PCollection:
+    return pcoll | beam.Map(lambda r: (tuple(np.round(r.example, 9)), round(float(r.inference), 9)))
+
+
+def test_results_equal_stock_beam_with_beams_and_our_handlers(model_path: str) -> None:
+    data = inputs()
+    model = pickle.loads(Path(model_path).read_bytes())
+    expected = [
+        (tuple(np.round(x, 9)), round(float(y), 9))
+        for x, y in zip(data, model.predict(data), strict=True)
+    ]
+    with beam.Pipeline() as pipeline:
+        stock = predictions(
+            pipeline | beam.Create(data) | base.RunInference(BeamSklearn(model_path))
+        )
+        assert_that(stock, equal_to(expected))
+    for handler in (BeamSklearn(model_path), SklearnModelHandlerNumpy(model_path)):
+        with beam.Pipeline() as pipeline:
+            out = predictions(pipeline | beam.Create(data) | RunInference(handler))
+            assert_that(out, equal_to(expected))
+
+
+def test_keyed_and_maybe_keyed_handlers(model_path: str) -> None:
+    data = inputs(20)
+    keyed = [(f"k{i}", x) for i, x in enumerate(data)]
+    model = pickle.loads(Path(model_path).read_bytes())
+    expected = [(k, round(float(model.predict(x[None])[0]), 9)) for k, x in keyed]
+    with beam.Pipeline() as pipeline:
+        out = (
+            pipeline
+            | beam.Create(keyed)
+            | RunInference(base.KeyedModelHandler(SklearnModelHandlerNumpy(model_path)))
+            | beam.MapTuple(lambda k, r: (k, round(float(r.inference), 9)))
+        )
+        assert_that(out, equal_to(expected))
+    for elements, labels in [(keyed, [k for k, _ in keyed]), (data, ["unkeyed"] * len(data))]:
+        with beam.Pipeline() as pipeline:
+            out = (
+                pipeline
+                | beam.Create(elements)
+                | RunInference(base.MaybeKeyedModelHandler(SklearnModelHandlerNumpy(model_path)))
+                | beam.Map(lambda r: "unkeyed" if isinstance(r, base.PredictionResult) else r[0])
+            )
+            assert_that(out, equal_to(labels))
+
+
+class Doubler(base.ModelHandler[float, base.PredictionResult, Any]):  # type: ignore[misc]
+    """A user's own handler: the model doubles numbers; failures are scripted."""
+
+    def __init__(
+        self,
+        *,
+        fail_loads: int = 0,
+        load_error: type[Exception] = ConnectionError,
+        oom_above: int | None = None,
+        bad_value: float | None = None,
+        record: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.fail_loads = fail_loads
+        self.load_error = load_error
+        self.oom_above = oom_above
+        self.bad_value = bad_value
+        self.record = record
+
+    def _note(self, line: str) -> None:
+        if self.record:
+            with open(self.record, "a") as f:
+                f.write(line + "\n")
+
+    def load_model(self) -> Any:
+        self._note("load")
+        if self.fail_loads > 0:
+            self.fail_loads -= 1
+            raise self.load_error("model store unavailable")
+        return 2.0
+
+    def run_inference(
+        self, batch: Sequence[float], model: Any, inference_args: Any = None
+    ) -> Iterable[base.PredictionResult]:
+        self._note(f"batch {len(batch)}")
+        if self.oom_above is not None and len(batch) > self.oom_above:
+            raise MemoryError(f"batch of {len(batch)} does not fit")
+        if self.bad_value is not None and self.bad_value in batch:
+            raise ValueError(f"cannot score {self.bad_value}")
+        return [base.PredictionResult(x, x * model) for x in batch]
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        return {"min_batch_size": 8, "max_batch_size": 8}
+
+
+def doubled(pcoll: beam.PCollection) -> beam.PCollection:
+    return pcoll | beam.Map(lambda r: r.inference)
+
+
+def test_user_defined_handler(tmp_path: Path) -> None:
+    with beam.Pipeline() as pipeline:
+        out = doubled(pipeline | beam.Create([1.0, 2.0, 3.0]) | RunInference(Doubler()))
+        assert_that(out, equal_to([2.0, 4.0, 6.0]))
+
+
+def test_passing_load_errors_are_retried(tmp_path: Path) -> None:
+    record = tmp_path / "calls"
+    handler = Doubler(fail_loads=2, record=str(record))
+    with beam.Pipeline() as pipeline:
+        out = doubled(
+            pipeline
+            | beam.Create([1.0, 2.0])
+            | RunInference(handler, model_load_retries=2, model_load_backoff_secs=0.0)
+        )
+        assert_that(out, equal_to([2.0, 4.0]))
+    assert record.read_text().count("load") == 3
+
+
+def test_a_model_that_never_loads_fails_the_pipeline(tmp_path: Path) -> None:
+    record = tmp_path / "calls"
+    handler = Doubler(fail_loads=100, record=str(record))
+    with pytest.raises(Exception, match="model store unavailable"), beam.Pipeline() as pipeline:
+        _ = (
+            pipeline
+            | beam.Create([1.0])
+            | RunInference(handler, model_load_retries=1, model_load_backoff_secs=0.0)
+        )
+    assert record.read_text().count("load") >= 2
+
+
+def test_a_missing_model_file_is_not_retried(tmp_path: Path) -> None:
+    record = tmp_path / "calls"
+    handler = Doubler(fail_loads=100, load_error=FileNotFoundError, record=str(record))
+    with pytest.raises(Exception, match="model store unavailable"), beam.Pipeline() as pipeline:
+        _ = pipeline | beam.Create([1.0]) | RunInference(handler, model_load_backoff_secs=0.0)
+    # Beam's DoFn may set up more than once after a failure, but never retries within a load.
+    loads = record.read_text().count("load")
+    setups = max(1, loads)
+    assert loads == setups
+
+
+def test_out_of_memory_batches_are_split_for_any_handler(tmp_path: Path) -> None:
+    record = tmp_path / "calls"
+    handler = Doubler(oom_above=3, record=str(record))
+    data = [float(i) for i in range(16)]
+    with beam.Pipeline() as pipeline:
+        out = doubled(pipeline | beam.Create(data) | RunInference(handler))
+        assert_that(out, equal_to([2 * x for x in data]))
+    sizes = [
+        int(line.split()[1]) for line in record.read_text().split("\n") if line.startswith("batch")
+    ]
+    assert max(sizes) == 8
+    assert sum(s for s in sizes if s <= 3) == len(data)
+
+
+def test_exception_handling_sends_failing_batches_to_the_dead_letter_output() -> None:
+    data = [float(i) for i in range(16)]
+    with beam.Pipeline() as pipeline:
+        results, dlq = (
+            pipeline
+            | beam.Create(data)
+            | RunInference(Doubler(bad_value=5.0)).with_exception_handling()
+        )
+        failed = dlq.failed_inferences | beam.FlatMap(lambda failure: failure[0])
+        everything = (doubled(results) | "halve" >> beam.Map(lambda x: x / 2), failed)
+        assert_that(everything | beam.Flatten(), equal_to(data))
+        assert_that(failed | "has 5" >> beam.Filter(lambda x: x == 5.0), equal_to([5.0]), label="5")
+
+
+def test_metrics_have_beams_names(model_path: str) -> None:
+    pipeline = beam.Pipeline()
+    _ = pipeline | beam.Create(inputs(30)) | RunInference(SklearnModelHandlerNumpy(model_path))
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(MetricsFilter().with_name("num_inferences"))["counters"]
+    assert sum(c.committed for c in counters) == 30
+    assert counters[0].key.metric.namespace == "BeamML_Sklearn"
+
+
+def test_models_come_from_the_model_cache(model_path: str) -> None:
+    before = beam_turbo.ModelCache.default().stats()
+    with beam.Pipeline() as pipeline:
+        _ = pipeline | beam.Create(inputs(10)) | RunInference(SklearnModelHandlerNumpy(model_path))
+    after = beam_turbo.ModelCache.default().stats()
+    assert after["loads"] == before["loads"] + 1
+
+
+def test_max_batch_weight_works_where_beam_fails(model_path: str) -> None:
+    def weighted() -> SklearnModelHandlerNumpy:
+        return SklearnModelHandlerNumpy(
+            model_path, max_batch_weight=10, element_size_fn=lambda x: 3
+        )
+
+    with pytest.raises(TypeError), beam.Pipeline() as pipeline:
+        _ = pipeline | beam.Create(inputs(5)) | base.RunInference(weighted())
+    with beam.Pipeline() as pipeline:
+        out = pipeline | beam.Create(inputs(12)) | RunInference(weighted())
+        assert_that(out | beam.combiners.Count.Globally(), equal_to([12]))
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(InvalidTypeError, match="model_handler must be an apache_beam ModelHandler"):
+        RunInference(lambda x: x)
+    with pytest.raises(InvalidInputError, match="model_load_retries"):
+        RunInference(Doubler(), model_load_retries=-1)
+    with pytest.raises(InvalidInputError, match="model_load_backoff_secs"):
+        RunInference(Doubler(), model_load_backoff_secs=float("nan"))
+
+
+def test_patch_and_unpatch_round_trip() -> None:
+    from apache_beam.ml.inference import sklearn_inference
+
+    originals = (beam.BatchElements, base.RunInference, sklearn_inference.SklearnModelHandlerNumpy)
+    replaced = beam_turbo.patch()
+    try:
+        assert "apache_beam.ml.inference.base.RunInference" in replaced
+        assert base.RunInference is beam_turbo.RunInference
+        assert beam.BatchElements is beam_turbo.BatchElements
+        assert sklearn_inference.SklearnModelHandlerNumpy is SklearnModelHandlerNumpy
+        assert beam_turbo.patch() == replaced  # idempotent
+    finally:
+        beam_turbo.unpatch()
+    assert (beam.BatchElements, base.RunInference, sklearn_inference.SklearnModelHandlerNumpy) == (
+        originals
+    )
+    beam_turbo.unpatch()  # a second unpatch is a no-op
+    assert base.RunInference is originals[1]

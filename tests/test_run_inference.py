@@ -83,7 +83,7 @@ def test_keyed_and_maybe_keyed_handlers(model_path: str) -> None:
             assert_that(out, equal_to(labels))
 
 
-class Doubler(base.ModelHandler[float, base.PredictionResult, Any]):  # type: ignore[misc]
+class Doubler(base.ModelHandler[float, base.PredictionResult, Any]):
     """A user's own handler: the model doubles numbers; failures are scripted."""
 
     def __init__(

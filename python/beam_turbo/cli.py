@@ -20,16 +20,14 @@ def _parser() -> argparse.ArgumentParser:
         sub = suites.add_parser(name, help=(suite.__doc__ or "").strip().splitlines()[0])
         suite.add_arguments(sub)
         sub.set_defaults(run=suite.run)
-    demo = commands.add_parser("demo", help="show what beam-turbo does on this machine")
-    demo.set_defaults(run=_demo)
+    demo = commands.add_parser(
+        "demo", help="one pipeline with stock Beam and with beam-turbo, side by side"
+    )
+    from beam_turbo import demo as demo_module
+
+    demo_module.add_arguments(demo)
+    demo.set_defaults(run=demo_module.run)
     return parser
-
-
-def _demo(args: argparse.Namespace) -> int:
-    # Until the inference transform lands, the demo is the stacking benchmark.
-    from beam_turbo.bench import stack
-
-    return stack.run(stack.add_arguments(argparse.ArgumentParser()).parse_args([]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

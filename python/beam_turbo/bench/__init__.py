@@ -12,4 +12,5 @@ BENCHMARKS: dict[str, str] = {
     "batching": "beam_turbo.bench.batching",
     "stack": "beam_turbo.bench.stack",
     "handlers": "beam_turbo.bench.handlers",
+    "e2e": "beam_turbo.bench.e2e",
 }

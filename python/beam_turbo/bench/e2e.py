@@ -1,0 +1,249 @@
+"""e2e: the same RunInference pipeline with stock Beam and with beam-turbo, end to end.
+
+Elements are generated inside the pipeline (``beam.Create`` of a large list would measure its
+encoding). Throughput is the slope between a small and a large run, so start-up cancels out;
+each figure is the median of several rounds. The ideal time per element is the floor's (the
+same pipeline with an identity ``Map`` for RunInference) plus the bare model's on pre-stacked
+batches of 1,024.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference import base
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_turbo.bench._timing import print_table
+
+CHUNK = 2_000  # elements generated per seed
+
+
+@dataclass(frozen=True)
+class Framework:
+    """A small model of one framework, and Beam's and beam-turbo's handlers for it."""
+
+    name: str
+    make_element: Callable[[np.ndarray[Any, Any]], Any]
+    stock: base.ModelHandler
+    turbo: base.ModelHandler
+    bare: Callable[[list[Any]], object]
+    exact: bool
+
+
+def make_framework(name: str, folder: str, *, tree: bool = False) -> Framework:
+    """Build the model on the spot and save it where both handlers load it from.
+
+    scikit-learn's model is linear, or with ``tree`` a decision tree: a linear model's
+    predictions for a row may differ in the last bit with the batch it is in (BLAS kernels
+    sum in a different order at different batch sizes); a tree's cannot.
+    """
+    rng = np.random.default_rng(0)
+    if name == "sklearn":
+        from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+        from sklearn.linear_model import LinearRegression
+        from sklearn.tree import DecisionTreeRegressor
+
+        from beam_turbo import sklearn as turbo_sklearn
+
+        x = rng.random((256, 16), dtype=np.float32)
+        estimator = (
+            DecisionTreeRegressor(max_depth=8, random_state=0) if tree else LinearRegression()
+        )
+        model = estimator.fit(x, x @ rng.random(16))
+        path = os.path.join(folder, "linear.pkl")
+        with open(path, "wb") as f:
+            pickle.dump(model, f)
+        return Framework(
+            name,
+            lambda row: row,
+            SklearnModelHandlerNumpy(path),
+            turbo_sklearn.SklearnModelHandlerNumpy(path),
+            lambda batch: model.predict(np.stack(batch)),
+            exact=tree,
+        )
+    if name == "torch":
+        import torch
+        from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
+
+        from beam_turbo import pytorch as turbo_pytorch
+
+        torch.manual_seed(0)
+        net = torch.nn.Linear(16, 1).eval()
+        path = os.path.join(folder, "linear.pt")
+        torch.save(net.state_dict(), path)
+        spec: dict[str, Any] = {
+            "state_dict_path": path,
+            "model_class": torch.nn.Linear,
+            "model_params": {"in_features": 16, "out_features": 1},
+        }
+
+        def bare_torch(batch: list[Any]) -> object:
+            with torch.no_grad():
+                return net(torch.stack(batch)).unbind(0)
+
+        return Framework(
+            name,
+            torch.from_numpy,
+            PytorchModelHandlerTensor(**spec),
+            turbo_pytorch.PytorchModelHandlerTensor(**spec),
+            bare_torch,
+            exact=False,
+        )
+    if name == "tensorflow":
+        import tensorflow as tf
+        from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
+
+        from beam_turbo import tensorflow as turbo_tf
+
+        tf.keras.utils.set_random_seed(0)
+        keras_model = tf.keras.Sequential([tf.keras.Input((16,)), tf.keras.layers.Dense(1)])
+        path = os.path.join(folder, "linear.keras")
+        keras_model.save(path)
+        return Framework(
+            name,
+            lambda row: row,
+            TFModelHandlerNumpy(path),
+            turbo_tf.TFModelHandlerNumpy(path),
+            lambda batch: tf.unstack(keras_model(np.stack(batch))),
+            exact=False,
+        )
+    raise ValueError(f"unknown framework {name!r}; expected sklearn, torch or tensorflow")
+
+
+def generate(seed: int, make_element: Callable[[np.ndarray[Any, Any]], Any]) -> Iterator[Any]:
+    rows = np.random.default_rng(seed).random((CHUNK, 16), dtype=np.float32)
+    for i, row in enumerate(rows):
+        yield (seed * CHUNK + i, make_element(row))
+
+
+def as_line(keyed: tuple[int, Any]) -> str:
+    key, result = keyed
+    values = np.asarray(result.inference).reshape(-1)
+    return f"{key}\t" + " ".join(repr(float(v)) for v in values)
+
+
+def run_pipeline(
+    framework: Framework,
+    which: str,
+    elements: int,
+    options: Sequence[str] = (),
+    output: str | None = None,
+) -> float:
+    """Run one pipeline over ``elements`` generated elements; its wall time in seconds.
+
+    ``which`` is ``stock``, ``turbo`` or ``floor`` (an identity ``Map`` for RunInference).
+    """
+    from beam_turbo.inference import RunInference
+
+    seeds = list(range(max(1, elements // CHUNK)))
+    make = framework.make_element
+    start = time.perf_counter()
+    with beam.Pipeline(options=PipelineOptions(list(options))) as pipeline:
+        keyed = (
+            pipeline | "Seeds" >> beam.Create(seeds) | "Generate" >> beam.FlatMap(generate, make)
+        )
+        if which == "floor":
+            results = keyed | "Identity" >> beam.Map(
+                lambda kv: (kv[0], base.PredictionResult(kv[1], 0.0))
+            )
+        else:
+            handler = framework.stock if which == "stock" else framework.turbo
+            transform = base.RunInference if which == "stock" else RunInference
+            results = keyed | "RunInference" >> transform(base.KeyedModelHandler(handler))
+        if output is not None:
+            _ = results | "Format" >> beam.Map(as_line) | "Write" >> beam.io.WriteToText(output)
+        else:
+            _ = results | "Count" >> beam.combiners.Count.Globally()
+    return time.perf_counter() - start
+
+
+def read_predictions(prefix: str) -> dict[int, list[float]]:
+    """The predictions a pipeline wrote with :func:`run_pipeline`'s ``output``."""
+    found: dict[int, list[float]] = {}
+    folder, name = os.path.split(prefix)
+    for shard in os.listdir(folder):
+        if shard.startswith(name):
+            with open(os.path.join(folder, shard)) as f:
+                for line in f:
+                    key, values = line.rstrip("\n").split("\t")
+                    found[int(key)] = [float(v) for v in values.split()]
+    return found
+
+
+def same_predictions(a: dict[int, list[float]], b: dict[int, list[float]], exact: bool) -> bool:
+    if a.keys() != b.keys():
+        return False
+    if exact:
+        return all(a[k] == b[k] for k in a)
+    return all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+
+
+def per_element_secs(
+    framework: Framework, which: str, small: int, large: int, rounds: int
+) -> float:
+    """Median over rounds of the slope between a small and a large run (seconds/element)."""
+    slopes = []
+    for _ in range(rounds):
+        t_small = run_pipeline(framework, which, small)
+        t_large = run_pipeline(framework, which, large)
+        slopes.append(max(t_large - t_small, 1e-9) / (large - small))
+    return statistics.median(slopes)
+
+
+def bare_per_element_secs(framework: Framework) -> float:
+    rng = np.random.default_rng(5)
+    batch = [framework.make_element(rng.random(16, dtype=np.float32)) for _ in range(1024)]
+    framework.bare(batch)
+    start = time.perf_counter()
+    for _ in range(20):
+        framework.bare(batch)
+    return (time.perf_counter() - start) / (20 * 1024)
+
+
+GOALS = {"sklearn": (1.5, 0.85), "torch": (5.0, 0.75), "tensorflow": (10.0, 0.7)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--framework", choices=sorted(GOALS), default="sklearn")
+    parser.add_argument("--quick", action="store_true", help="smaller runs, one round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is shown)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    small, large = (4_000, 20_000) if args.quick else (20_000, 200_000)
+    rounds = 1 if args.quick else args.rounds
+    with tempfile.TemporaryDirectory() as folder:
+        framework = make_framework(args.framework, folder)
+        floor = per_element_secs(framework, "floor", small, large, rounds)
+        stock = per_element_secs(framework, "stock", small, large, rounds)
+        turbo = per_element_secs(framework, "turbo", small, large, rounds)
+        ideal = floor + bare_per_element_secs(framework)
+    goal_ratio, goal_ideal = GOALS[args.framework]
+    print(
+        f"end to end on the DirectRunner, {args.framework}, slope between {small:,} and {large:,} elements\n"
+    )
+    rows = [
+        ["floor (identity Map)", f"{1 / floor:,.0f}", "", ""],
+        ["ideal (floor + bare model)", f"{1 / ideal:,.0f}", "1.00", ""],
+        ["stock Beam RunInference", f"{1 / stock:,.0f}", f"{ideal / stock:.2f}", ""],
+        [
+            "beam-turbo RunInference",
+            f"{1 / turbo:,.0f}",
+            f"{ideal / turbo:.2f} (goal >= {goal_ideal})",
+            f"{stock / turbo:.2f}x (goal >= {goal_ratio}x)",
+        ],
+    ]
+    print_table(["pipeline", "elements/s", "fraction of ideal", "vs stock"], rows)
+    return 0

@@ -232,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
         ideal = floor + bare_per_element_secs(framework)
     goal_ratio, goal_ideal = GOALS[args.framework]
     print(
-        f"end to end on the DirectRunner, {args.framework}, slope between {small:,} and {large:,} elements\n"
+        f"end to end on the DirectRunner, {args.framework}, "
+        f"slope between {small:,} and {large:,} elements\n"
     )
     rows = [
         ["floor (identity Map)", f"{1 / floor:,.0f}", "", ""],

@@ -260,3 +260,61 @@ def test_patch_and_unpatch_round_trip() -> None:
     )
     beam_turbo.unpatch()  # a second unpatch is a no-op
     assert base.RunInference is originals[1]
+
+
+class SizedDoubler(Doubler):
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        return {"min_batch_size": 1, "max_batch_size": 8}
+
+
+def batch_sizes(record: Path) -> list[int]:
+    return [
+        int(line.split()[1]) for line in record.read_text().splitlines() if line.startswith("batch")
+    ]
+
+
+def test_fused_batches_respect_the_size_bounds(tmp_path: Path) -> None:
+    record = tmp_path / "calls"
+    data = [float(i) for i in range(200)]
+    with beam.Pipeline() as pipeline:
+        out = doubled(pipeline | beam.Create(data) | RunInference(SizedDoubler(record=str(record))))
+        assert_that(out, equal_to([2 * x for x in data]))
+    sizes = batch_sizes(record)
+    assert sum(sizes) == len(data)
+    assert max(sizes) <= 8
+
+
+def test_fused_oom_teaches_the_sizer_a_ceiling(tmp_path: Path) -> None:
+    record = tmp_path / "calls"
+    data = [float(i) for i in range(300)]
+    handler = SizedDoubler(oom_above=5, record=str(record))
+    with beam.Pipeline() as pipeline:
+        out = doubled(pipeline | beam.Create(data) | RunInference(handler))
+        assert_that(out, equal_to([2 * x for x in data]))
+    sizes = batch_sizes(record)
+    failed = [s for s in sizes if s > 5]
+    assert 1 <= len(failed) <= 2, sizes  # the sizer never proposes a failed size again
+    assert sum(s for s in sizes if s <= 5) == len(data)
+
+
+def test_fused_results_keep_their_windows() -> None:
+    from apache_beam.transforms import window
+
+    data = [(float(i), i * 10) for i in range(12)]  # (value, timestamp in seconds)
+    with beam.Pipeline() as pipeline:
+        out = (
+            pipeline
+            | beam.Create(data)
+            | beam.MapTuple(lambda value, ts: window.TimestampedValue(value, ts))
+            | beam.WindowInto(window.FixedWindows(60))
+            | RunInference(SizedDoubler())
+            | beam.Map(
+                lambda r, w=beam.DoFn.WindowParam, t=beam.DoFn.TimestampParam: (
+                    int(w.start),
+                    r.inference,
+                    t == w.max_timestamp(),
+                )
+            )
+        )
+        expected = [(int(ts // 60 * 60), 2 * value, True) for value, ts in data]
+        assert_that(out, equal_to(expected))

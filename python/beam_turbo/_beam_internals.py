@@ -41,7 +41,12 @@ def check_beam_version(version: str = apache_beam.__version__) -> None:
 check_beam_version()
 
 # The checked imports. Keep this list short: each is a promise about Beam's internals.
-from apache_beam.ml.inference.base import _RunInferenceDoFn as RunInferenceDoFn  # noqa: E402
+from apache_beam.ml.inference.base import (  # noqa: E402
+    _MetricsCollector as MetricsCollector,
+)
+from apache_beam.ml.inference.base import (  # noqa: E402
+    _RunInferenceDoFn as RunInferenceDoFn,
+)
 from apache_beam.transforms.util import (  # noqa: E402
     WithLengthBucketKey,
     WithSharedKey,
@@ -91,6 +96,7 @@ __all__ = [
     "METRICS_NAMESPACE",
     "MSEC_PER_BATCH_METRIC",
     "SUPPORTED_BEAM",
+    "MetricsCollector",
     "RunInferenceDoFn",
     "UnsupportedBeamVersionError",
     "WindowedValue",

@@ -26,16 +26,19 @@ from __future__ import annotations
 
 import logging
 import pickle
+import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.metrics.metric import Metrics
 from apache_beam.ml.inference import base
+from apache_beam.transforms import window as beam_window
 
 from beam_turbo import _beam_internals as internals
 from beam_turbo._inference import run_owning_oom
-from beam_turbo._native import ModelCache
+from beam_turbo._native import BatchSizer, ModelCache
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError, ModelLoadError
 
@@ -122,6 +125,178 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
         return run_owning_oom(lambda part: run_batch(part, inference_args), batch)
 
 
+#: The handler's batching arguments that the fused DoFn implements itself; any other (the
+#: streaming ``max_batch_duration_secs``, length bucketing) selects Beam's two-step path.
+_FUSED_BATCHING_ARGS = frozenset(
+    {
+        "min_batch_size",
+        "max_batch_size",
+        "max_batch_weight",
+        "element_size_fn",
+        "target_batch_overhead",
+        "target_batch_duration_secs",
+        "target_batch_duration_secs_including_fixed_cost",
+        "variance",
+    }
+)
+_SIZER_ARGS = _FUSED_BATCHING_ARGS - {"max_batch_weight", "element_size_fn"}
+
+
+_GLOBAL = beam_window.GlobalWindow()
+
+
+class _Buffer:
+    """The elements of one window waiting for their batch, and their total weight."""
+
+    __slots__ = ("elements", "target", "weight")
+
+    def __init__(self, target: float) -> None:
+        self.elements: list[Any] = []
+        self.weight = 0.0
+        self.target = target
+
+
+class _FusedInferenceDoFn(beam.DoFn):  # type: ignore[misc]
+    """Batching and inference in one DoFn: elements are buffered per window until the batch
+    sizer's target, then run through the handler at once; what is left is run at the end of
+    the bundle. Batch sizes are learned from the inference time itself, and a batch that runs
+    out of memory is split and teaches the sizer its ceiling.
+
+    Results carry the timestamps and windows Beam's two steps give them: in the global
+    window, the element that completed the batch's (the end of the window for the batch run
+    at the end of a bundle); in other windows, the end of the window.
+    """
+
+    def __init__(
+        self,
+        handler: base.ModelHandler,
+        clock: Any,
+        metrics_namespace: str | None,
+        model_tag: str,
+        inference_args: dict[str, Any] | None,
+        retries: int,
+        backoff_secs: float,
+    ) -> None:
+        self._handler = handler
+        self._clock = clock
+        self._metrics_namespace = metrics_namespace
+        self._model_tag = model_tag
+        self._inference_args = inference_args
+        self._retries = retries
+        self._backoff_secs = backoff_secs
+        kwargs = dict(handler.batch_elements_kwargs())
+        self._weigh: Callable[[Any], float] | None = kwargs.get("element_size_fn")
+        self._max_weight = float(kwargs.get("max_batch_weight") or "inf")
+        self._sizer_args = {k: v for k, v in kwargs.items() if k in _SIZER_ARGS}
+
+    def setup(self) -> None:
+        handler = self._handler
+        handler.set_environment_vars()
+        namespace = self._metrics_namespace or handler.get_metrics_namespace()
+        self._metrics = (
+            None if handler.override_metrics(namespace) else internals.MetricsCollector(namespace)
+        )
+        self._chosen_size = Metrics.distribution(namespace, "beam_turbo_batch_size")
+        self._sizer = BatchSizer(**self._sizer_args)
+        self._model = ModelCache.default().acquire(
+            ("beam_turbo.RunInference", self._model_tag),
+            retrying(self._load, self._retries, self._backoff_secs),
+        )
+        self._buffers: dict[Any, _Buffer] = {}
+
+    def _load(self) -> Any:
+        memory_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        start = self._clock.time_ns()
+        model = self._handler.load_model()
+        latency_ms = (self._clock.time_ns() - start) // 1_000_000
+        if self._metrics is not None:
+            memory_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self._metrics.cache_load_model_metrics(latency_ms, memory_after - memory_before)
+        return model
+
+    def start_bundle(self) -> None:
+        self._buffers = {}
+
+    def process(self, element: Any) -> Iterator[Any]:
+        # No window parameter: Beam invokes such a DoFn on its fast path. Elements in the
+        # global window only; see _WindowedFusedInferenceDoFn for the others.
+        return self._add(element, _GLOBAL)
+
+    def _add(self, element: Any, window: Any) -> Iterator[Any]:
+        buffer = self._buffers.get(window)
+        if buffer is None:
+            buffer = self._buffers[window] = _Buffer(self._target())
+        weight = 1.0 if self._weigh is None else float(self._weigh(element))
+        limit = min(self._max_weight, buffer.target)
+        if buffer.elements and buffer.weight + weight > limit:
+            # The element does not fit: the batch so far goes first (an element heavier
+            # than the target then goes out alone, never leaving an empty batch behind).
+            yield from self._emit(window, self._take(window))
+            buffer = self._buffers[window] = _Buffer(self._target())
+            limit = min(self._max_weight, buffer.target)
+        buffer.elements.append(element)
+        buffer.weight += weight
+        if buffer.weight >= limit:
+            yield from self._emit(window, self._take(window))
+        elif len(self._buffers) > internals.MAX_LIVE_WINDOWS:
+            fullest = max(self._buffers, key=lambda w: self._buffers[w].weight)
+            yield from self._emit(fullest, self._take(fullest), at_end=True)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        for window in list(self._buffers):
+            yield from self._emit(window, self._take(window), at_end=True)
+        if self._metrics is not None:
+            self._metrics.update_metrics_with_cache()
+
+    def _target(self) -> float:
+        return float(self._sizer.next_size())
+
+    def _take(self, window: Any) -> list[Any]:
+        return self._buffers.pop(window).elements
+
+    def _emit(self, window: Any, batch: list[Any], at_end: bool = False) -> Iterator[Any]:
+        results = run_owning_oom(self._run, batch, self._ran_out_of_memory)
+        if window is _GLOBAL:
+            if at_end:
+                results = [internals.at_end_of_global_window(r) for r in results]
+            yield from results
+            return
+        timestamp = window.max_timestamp()
+        for result in results:
+            yield internals.WindowedValue(result, timestamp, (window,))
+
+    def _run(self, batch: list[Any]) -> list[Any]:
+        start = self._clock.time_ns()
+        try:
+            results = list(self._handler.run_inference(batch, self._model, self._inference_args))
+        except Exception:
+            if self._metrics is not None:
+                self._metrics.failed_batches_counter.inc()
+            raise
+        elapsed_ns = self._clock.time_ns() - start
+        self._sizer.record(self._weight_of(batch), elapsed_ns / 1e9)
+        self._chosen_size.update(len(batch))
+        if self._metrics is not None:
+            self._metrics.update(len(batch), self._handler.get_num_bytes(batch), elapsed_ns // 1000)
+        return results
+
+    def _weight_of(self, batch: list[Any]) -> float:
+        if self._weigh is None:
+            return float(len(batch))
+        return float(sum(self._weigh(element) for element in batch))
+
+    def _ran_out_of_memory(self, size: int) -> None:
+        self._sizer.record_failure(size, memory=True)
+
+
+class _WindowedFusedInferenceDoFn(_FusedInferenceDoFn):
+    """The fused DoFn for windowed input: one buffer per window (at most
+    ``MAX_LIVE_WINDOWS`` live, then the fullest goes), results at the end of their window."""
+
+    def process(self, element: Any, window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        return self._add(element, window)
+
+
 class RunInference(base.RunInference):
     """Beam's ``RunInference`` made faster; see the module docs for what changes.
 
@@ -186,6 +361,25 @@ class RunInference(base.RunInference):
         self._model_load_retries = model_load_retries
         self._model_load_backoff_secs = model_load_backoff_secs
 
+    def _can_fuse(self) -> bool:
+        """Whether batching and inference can be one DoFn with Beam's semantics intact.
+
+        Not with a model side input or file watch (the model changes under the batches),
+        exception handling (Beam's wrapper dead-letters per ``process`` call, and a fused DoFn
+        buffers across calls), the model manager or cross-process models, no batching, or
+        batching options that need Beam's streaming or bucketing DoFns.
+        """
+        handler = self._model_handler
+        return (
+            self._model_metadata_pcoll is None
+            and not self._watch_model_pattern
+            and not self._with_exception_handling
+            and not self._use_model_manager
+            and not handler.share_model_across_processes()
+            and not handler.should_skip_batching()
+            and set(handler.batch_elements_kwargs()) <= _FUSED_BATCHING_ARGS
+        )
+
     def expand(self, pcoll: beam.PCollection) -> Any:
         # Beam's expand with two parts swapped (marked): read it beside base.RunInference.expand.
         handler = self._model_handler
@@ -193,6 +387,22 @@ class RunInference(base.RunInference):
         pcoll, bad_preprocessed = self._apply_fns(
             pcoll, handler.get_preprocess_fns(), "BeamML_RunInference_Preprocess"
         )
+        if self._can_fuse():
+            global_only = isinstance(pcoll.windowing.windowfn, beam_window.GlobalWindows)
+            fused_class = _FusedInferenceDoFn if global_only else _WindowedFusedInferenceDoFn
+            fused = fused_class(
+                handler,
+                self._clock,
+                self._metrics_namespace,
+                self._model_tag,
+                self._inference_args,
+                self._model_load_retries,
+                self._model_load_backoff_secs,
+            )
+            results = pcoll | "BeamML_RunInference" >> beam.ParDo(fused).with_resource_hints(
+                **handler.get_resource_hints()
+            )
+            return self._finish(results, None, bad_preprocessed)
         if self._watch_model_pattern:
             self._model_metadata_pcoll = self._get_model_metadata_pcoll(pcoll.pipeline)
         if handler.should_skip_batching():
@@ -232,6 +442,11 @@ class RunInference(base.RunInference):
             )
         else:
             results = batched | "BeamML_RunInference" >> pardo
+        return self._finish(results, bad_inference, bad_preprocessed)
+
+    def _finish(self, results: Any, bad_inference: Any, bad_preprocessed: Any) -> Any:
+        """Beam's tail of expand: the monitoring outlet, post-processing, the DLQ."""
+        handler = self._model_handler
         if self._monitoring_transform is not None:
             with results.pipeline.transform_annotations(model_identifier=""):
                 _ = results | "BeamML_RunInference_MonitoringOutlet" >> self._monitoring_transform

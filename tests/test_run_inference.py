@@ -318,3 +318,31 @@ def test_fused_results_keep_their_windows() -> None:
         )
         expected = [(int(ts // 60 * 60), 2 * value, True) for value, ts in data]
         assert_that(out, equal_to(expected))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+        ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
+    ],
+    ids=["multi-process", "portable"],
+)
+def test_other_runners_give_stock_beams_results(model_path: str, options: list[str]) -> None:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    data = inputs(80)
+    model = pickle.loads(Path(model_path).read_bytes())
+    expected = [
+        (tuple(np.round(x, 9)), round(float(y), 9))
+        for x, y in zip(data, model.predict(data), strict=True)
+    ]
+    for handler in (SklearnModelHandlerNumpy(model_path), Doubler()):
+        with beam.Pipeline(options=PipelineOptions(options)) as pipeline:
+            if isinstance(handler, Doubler):
+                out = doubled(pipeline | beam.Create([1.0, 2.0]) | RunInference(handler))
+                assert_that(out, equal_to([2.0, 4.0]))
+            else:
+                out = predictions(pipeline | beam.Create(data) | RunInference(handler))
+                assert_that(out, equal_to(expected))

@@ -28,7 +28,7 @@ import logging
 import pickle
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -156,7 +156,7 @@ class _Buffer:
         self.target = target
 
 
-class _FusedInferenceDoFn(beam.DoFn):  # type: ignore[misc]
+class _FusedInferenceDoFn(beam.DoFn):
     """Batching and inference in one DoFn: elements are buffered per window until the batch
     sizer's target, then run through the handler at once; what is left is run at the end of
     the bundle. Batch sizes are learned from the inference time itself, and a batch that runs
@@ -265,7 +265,7 @@ class _FusedInferenceDoFn(beam.DoFn):  # type: ignore[misc]
         for result in results:
             yield internals.WindowedValue(result, timestamp, (window,))
 
-    def _run(self, batch: list[Any]) -> list[Any]:
+    def _run(self, batch: Sequence[Any]) -> list[Any]:
         start = self._clock.time_ns()
         try:
             results = list(self._handler.run_inference(batch, self._model, self._inference_args))
@@ -280,7 +280,7 @@ class _FusedInferenceDoFn(beam.DoFn):  # type: ignore[misc]
             self._metrics.update(len(batch), self._handler.get_num_bytes(batch), elapsed_ns // 1000)
         return results
 
-    def _weight_of(self, batch: list[Any]) -> float:
+    def _weight_of(self, batch: Sequence[Any]) -> float:
         if self._weigh is None:
             return float(len(batch))
         return float(sum(self._weigh(element) for element in batch))

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from apache_beam.utils.shared import Shared
+from apache_beam.utils import shared as beam_shared
 
 from beam_turbo import ModelCache
 from beam_turbo.bench._timing import Timing, format_seconds, measure, print_table
@@ -48,7 +48,9 @@ def hit_calls() -> dict[str, Callable[[], object]]:
     def loader() -> Model:
         return model
 
-    ours, shared, plain = ModelCache(), Shared(), DictLockCache()
+    shared_handle: Any = beam_shared.Shared  # untyped in Beam
+    shared = shared_handle()
+    ours, plain = ModelCache(), DictLockCache()
     calls: dict[str, Callable[[], object]] = {
         "beam_turbo.ModelCache": functools.partial(ours.acquire, KEY, loader, TAG),
         "beam Shared": functools.partial(shared.acquire, loader, TAG),

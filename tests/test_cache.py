@@ -160,7 +160,7 @@ def test_a_loader_error_reaches_every_waiter_and_leaves_no_entry() -> None:
         except LoadError as err:
             errors.append(err)
 
-    threads = [threading.Thread(target=worker) for _ in range(threads_n)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(threads_n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -214,7 +214,7 @@ def test_eight_threads_racing_on_a_cold_key_load_once() -> None:
         barrier.wait()
         got.append(cache.acquire("k", slow_python_loader))
 
-    threads = [threading.Thread(target=worker) for _ in range(threads_n)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(threads_n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -243,7 +243,7 @@ def test_a_signal_interrupts_a_waiting_thread() -> None:
     def on_alarm(signum: int, frame: object) -> None:
         raise AlarmError
 
-    loader_thread = threading.Thread(target=cache.acquire, args=("k", blocked))
+    loader_thread = threading.Thread(target=cache.acquire, args=("k", blocked), daemon=True)
     loader_thread.start()
     loading.wait(10)
     previous = signal.signal(signal.SIGALRM, on_alarm)
@@ -286,7 +286,7 @@ def test_refresh_in_another_thread_while_a_batch_runs_on_the_old_model() -> None
         cache.acquire("k", lambda: Model("k", 2), tag=2)
         refreshed.set()
 
-    threading.Thread(target=refresh).start()
+    threading.Thread(target=refresh, daemon=True).start()
     assert refreshed.wait(10)
     assert held.tag == 1  # the "batch" finishes on the model it started with
     del held
@@ -433,7 +433,7 @@ def parent_loading() -> Iterator[ModelCache]:
         release.wait(30)
         return Model("parent")
 
-    thread = threading.Thread(target=cache.acquire, args=("in-flight", blocked))
+    thread = threading.Thread(target=cache.acquire, args=("in-flight", blocked), daemon=True)
     thread.start()
     assert loading.wait(10)
     yield cache
@@ -519,7 +519,7 @@ def test_many_threads_stress() -> None:
         with lock:
             acquires[0] += n
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(16)]
+    threads = [threading.Thread(target=worker, args=(seed,), daemon=True) for seed in range(16)]
     for t in threads:
         t.start()
     time.sleep(2.0)
@@ -600,3 +600,41 @@ def test_a_multi_process_pipeline_uses_a_cache_in_each_worker(
         assert len({r[4] for r in mine}) == 1, "one default-cache model per worker"
         assert len({r[5] for r in mine}) == 1, "one constructed-cache model per worker"
     assert own.stats()["loads"] == 0, "the pipeline's copies did not load into this process"
+
+
+_GIL_SCRIPT = """
+import threading, time
+from beam_turbo import ModelCache
+
+cache = ModelCache()
+
+def loader():
+    # Pure Python work while seven threads wait: it needs the GIL they must have released.
+    while cache.stats()["misses"] < 8:
+        time.sleep(0.001)
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    return total
+
+threads = [threading.Thread(target=cache.acquire, args=("k", loader)) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert cache.stats()["loads"] == 1
+print("ok")
+"""
+
+
+def test_waiting_threads_release_the_gil() -> None:
+    # In a subprocess: a waiter that kept the GIL would deadlock the whole interpreter, so the
+    # failure shows as a timeout here instead of a hung test run.
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run(
+        [sys.executable, "-c", _GIL_SCRIPT], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

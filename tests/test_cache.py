@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from beam_turbo import ModelCache
 from beam_turbo.errors import InvalidInputError
@@ -638,3 +640,48 @@ def test_waiting_threads_release_the_gil() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# --- against a reference model ------------------------------------------------------------
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.integers(0, 4), st.integers(0, 2)),
+        st.tuples(st.just("invalidate"), st.integers(0, 4), st.just(0)),
+        st.tuples(st.just("clear"), st.just(0), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_OPS, bound=st.one_of(st.none(), st.integers(1, 4)))
+def test_single_threaded_behaviour_matches_an_exact_lru_model(
+    ops: list[tuple[str, int, int]], bound: int | None
+) -> None:
+    cache = ModelCache(max_models=bound)
+    reference: dict[int, tuple[int, Model]] = {}  # key -> (tag, model), least recent first
+    evictions = 0
+    for op, key, tag in ops:
+        if op == "invalidate":
+            assert cache.invalidate(key) is (reference.pop(key, None) is not None)
+        elif op == "clear":
+            cache.clear()
+            reference.clear()
+        else:
+            loader = CountingLoader(lambda k=key, t=tag: Model(k, t))  # type: ignore[misc]
+            model = cache.acquire(key, loader, tag)
+            held = reference.pop(key, None)
+            if held is not None and held[0] == tag:
+                assert loader.calls == 0
+                assert model is held[1]
+            else:
+                assert loader.calls == 1
+                assert (model.key, model.tag) == (key, tag)
+            reference[key] = (tag, model)
+            while bound is not None and len(reference) > bound:
+                del reference[next(iter(reference))]
+                evictions += 1
+        stats = cache.stats()
+        assert stats["models"] == len(reference)
+        assert stats["evictions"] == evictions

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from beam_turbo import ModelCache
 from beam_turbo.errors import InvalidInputError
@@ -160,7 +162,7 @@ def test_a_loader_error_reaches_every_waiter_and_leaves_no_entry() -> None:
         except LoadError as err:
             errors.append(err)
 
-    threads = [threading.Thread(target=worker) for _ in range(threads_n)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(threads_n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -214,7 +216,7 @@ def test_eight_threads_racing_on_a_cold_key_load_once() -> None:
         barrier.wait()
         got.append(cache.acquire("k", slow_python_loader))
 
-    threads = [threading.Thread(target=worker) for _ in range(threads_n)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(threads_n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -243,7 +245,7 @@ def test_a_signal_interrupts_a_waiting_thread() -> None:
     def on_alarm(signum: int, frame: object) -> None:
         raise AlarmError
 
-    loader_thread = threading.Thread(target=cache.acquire, args=("k", blocked))
+    loader_thread = threading.Thread(target=cache.acquire, args=("k", blocked), daemon=True)
     loader_thread.start()
     loading.wait(10)
     previous = signal.signal(signal.SIGALRM, on_alarm)
@@ -286,7 +288,7 @@ def test_refresh_in_another_thread_while_a_batch_runs_on_the_old_model() -> None
         cache.acquire("k", lambda: Model("k", 2), tag=2)
         refreshed.set()
 
-    threading.Thread(target=refresh).start()
+    threading.Thread(target=refresh, daemon=True).start()
     assert refreshed.wait(10)
     assert held.tag == 1  # the "batch" finishes on the model it started with
     del held
@@ -433,7 +435,7 @@ def parent_loading() -> Iterator[ModelCache]:
         release.wait(30)
         return Model("parent")
 
-    thread = threading.Thread(target=cache.acquire, args=("in-flight", blocked))
+    thread = threading.Thread(target=cache.acquire, args=("in-flight", blocked), daemon=True)
     thread.start()
     assert loading.wait(10)
     yield cache
@@ -519,7 +521,7 @@ def test_many_threads_stress() -> None:
         with lock:
             acquires[0] += n
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(16)]
+    threads = [threading.Thread(target=worker, args=(seed,), daemon=True) for seed in range(16)]
     for t in threads:
         t.start()
     time.sleep(2.0)
@@ -600,3 +602,86 @@ def test_a_multi_process_pipeline_uses_a_cache_in_each_worker(
         assert len({r[4] for r in mine}) == 1, "one default-cache model per worker"
         assert len({r[5] for r in mine}) == 1, "one constructed-cache model per worker"
     assert own.stats()["loads"] == 0, "the pipeline's copies did not load into this process"
+
+
+_GIL_SCRIPT = """
+import threading, time
+from beam_turbo import ModelCache
+
+cache = ModelCache()
+
+def loader():
+    # Pure Python work while seven threads wait: it needs the GIL they must have released.
+    while cache.stats()["misses"] < 8:
+        time.sleep(0.001)
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    return total
+
+threads = [threading.Thread(target=cache.acquire, args=("k", loader)) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert cache.stats()["loads"] == 1
+print("ok")
+"""
+
+
+def test_waiting_threads_release_the_gil() -> None:
+    # In a subprocess: a waiter that kept the GIL would deadlock the whole interpreter, so the
+    # failure shows as a timeout here instead of a hung test run.
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run(
+        [sys.executable, "-c", _GIL_SCRIPT], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# --- against a reference model ------------------------------------------------------------
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.integers(0, 4), st.integers(0, 2)),
+        st.tuples(st.just("invalidate"), st.integers(0, 4), st.just(0)),
+        st.tuples(st.just("clear"), st.just(0), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_OPS, bound=st.one_of(st.none(), st.integers(1, 4)))
+def test_single_threaded_behaviour_matches_an_exact_lru_model(
+    ops: list[tuple[str, int, int]], bound: int | None
+) -> None:
+    cache = ModelCache(max_models=bound)
+    reference: dict[int, tuple[int, Model]] = {}  # key -> (tag, model), least recent first
+    evictions = 0
+    for op, key, tag in ops:
+        if op == "invalidate":
+            assert cache.invalidate(key) is (reference.pop(key, None) is not None)
+        elif op == "clear":
+            cache.clear()
+            reference.clear()
+        else:
+            loader = CountingLoader(lambda k=key, t=tag: Model(k, t))  # type: ignore[misc]
+            model = cache.acquire(key, loader, tag)
+            held = reference.pop(key, None)
+            if held is not None and held[0] == tag:
+                assert loader.calls == 0
+                assert model is held[1]
+            else:
+                assert loader.calls == 1
+                assert (model.key, model.tag) == (key, tag)
+            reference[key] = (tag, model)
+            while bound is not None and len(reference) > bound:
+                del reference[next(iter(reference))]
+                evictions += 1
+        stats = cache.stats()
+        assert stats["models"] == len(reference)
+        assert stats["evictions"] == evictions

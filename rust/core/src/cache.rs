@@ -246,6 +246,11 @@ impl<T, V, E> Flight<T, V, E> {
 
     /// Publishes the outcome and wakes the waiters. Nothing but a move happens under the lock.
     fn finish(&self, outcome: Outcome<T, V, E>) {
+        if self.generation != fork_generation() {
+            // A loader that forked: this child has no waiters on the flight (they treat it as
+            // absent), and a parent's waiter may have held its lock at the fork.
+            return;
+        }
         *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = outcome;
         self.done.notify_all();
     }

@@ -143,6 +143,8 @@ _SIZER_ARGS = _FUSED_BATCHING_ARGS - {"max_batch_weight", "element_size_fn"}
 
 
 _GLOBAL = beam_window.GlobalWindow()
+#: Its end: the timestamp and windows of results emitted at the end of a bundle.
+_END_OF_GLOBAL_WINDOW = internals.at_end_of_global_window(None)
 
 
 class _Buffer:
@@ -203,6 +205,7 @@ class _FusedInferenceDoFn(beam.DoFn):
             retrying(self._load, self._retries, self._backoff_secs),
         )
         self._buffers: dict[Any, _Buffer] = {}
+        self._global_buffer: _Buffer | None = None
 
     def _load(self) -> Any:
         memory_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -216,11 +219,23 @@ class _FusedInferenceDoFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._buffers = {}
+        # The global window's buffer, also in _buffers; a window's hash is a Python call.
+        self._global_buffer = None
 
-    def process(self, element: Any) -> Iterator[Any]:
-        # No window parameter: Beam invokes such a DoFn on its fast path. Elements in the
-        # global window only; see _WindowedFusedInferenceDoFn for the others.
-        return self._add(element, _GLOBAL)
+    def process(self, element: Any) -> Iterator[Any] | None:
+        # No window parameter: Beam invokes such a DoFn on its fast path (global window only;
+        # see _WindowedFusedInferenceDoFn). Unweighted elements take a short path that builds
+        # no generator unless a batch is due.
+        if self._weigh is not None:
+            return self._add(element, _GLOBAL)
+        buffer = self._global_buffer
+        if buffer is None:
+            buffer = self._global_buffer = self._buffers[_GLOBAL] = _Buffer(self._target())
+        elements = buffer.elements
+        elements.append(element)
+        if len(elements) >= buffer.target or len(elements) >= self._max_weight:
+            return self._emit(_GLOBAL, self._take(_GLOBAL))
+        return None
 
     def _add(self, element: Any, window: Any) -> Iterator[Any]:
         buffer = self._buffers.get(window)
@@ -252,13 +267,16 @@ class _FusedInferenceDoFn(beam.DoFn):
         return float(self._sizer.next_size())
 
     def _take(self, window: Any) -> list[Any]:
+        if window is _GLOBAL:
+            self._global_buffer = None
         return self._buffers.pop(window).elements
 
     def _emit(self, window: Any, batch: list[Any], at_end: bool = False) -> Iterator[Any]:
         results = run_owning_oom(self._run, batch, self._ran_out_of_memory)
         if window is _GLOBAL:
             if at_end:
-                results = [internals.at_end_of_global_window(r) for r in results]
+                end = _END_OF_GLOBAL_WINDOW
+                results = [internals.WindowedValue(r, end.timestamp, end.windows) for r in results]
             yield from results
             return
         timestamp = window.max_timestamp()

@@ -121,10 +121,17 @@ def make_framework(name: str, folder: str, *, tree: bool = False) -> Framework:
     raise ValueError(f"unknown framework {name!r}; expected sklearn, torch or tensorflow")
 
 
-def generate(seed: int, make_element: Callable[[np.ndarray[Any, Any]], Any]) -> Iterator[Any]:
+def generate(
+    seed: int, make_element: Callable[[np.ndarray[Any, Any]], Any], keyed: bool = False
+) -> Iterator[Any]:
+    """``CHUNK`` elements from ``seed``; with ``keyed``, each paired with a unique id."""
     rows = np.random.default_rng(seed).random((CHUNK, 16), dtype=np.float32)
-    for i, row in enumerate(rows):
-        yield (seed * CHUNK + i, make_element(row))
+    if keyed:
+        for i, row in enumerate(rows):
+            yield (seed * CHUNK + i, make_element(row))
+    else:
+        for row in rows:
+            yield make_element(row)
 
 
 def as_line(keyed: tuple[int, Any]) -> str:
@@ -148,19 +155,22 @@ def run_pipeline(
 
     seeds = list(range(max(1, elements // CHUNK)))
     make = framework.make_element
+    keyed = output is not None  # ids, to compare predictions element by element
     start = time.perf_counter()
     with beam.Pipeline(options=PipelineOptions(list(options))) as pipeline:
-        keyed = (
-            pipeline | "Seeds" >> beam.Create(seeds) | "Generate" >> beam.FlatMap(generate, make)
+        examples = (
+            pipeline
+            | "Seeds" >> beam.Create(seeds)
+            | "Generate" >> beam.FlatMap(generate, make, keyed=keyed)
         )
         if which == "floor":
-            results = keyed | "Identity" >> beam.Map(
-                lambda kv: (kv[0], base.PredictionResult(kv[1], 0.0))
-            )
+            results = examples | "Identity" >> beam.Map(lambda x: x)
         else:
             handler = framework.stock if which == "stock" else framework.turbo
             transform = base.RunInference if which == "stock" else RunInference
-            results = keyed | "RunInference" >> transform(base.KeyedModelHandler(handler))
+            if keyed:
+                handler = base.KeyedModelHandler(handler)
+            results = examples | "RunInference" >> transform(handler)
         if output is not None:
             _ = results | "Format" >> beam.Map(as_line) | "Write" >> beam.io.WriteToText(output)
         else:

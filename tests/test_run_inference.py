@@ -346,3 +346,76 @@ def test_other_runners_give_stock_beams_results(model_path: str, options: list[s
             else:
                 out = predictions(pipeline | beam.Create(data) | RunInference(handler))
                 assert_that(out, equal_to(expected))
+
+
+class PlusOne:
+    def predict(self, x: int) -> int:
+        return x + 1
+
+
+class PathModelHandler(base.ModelHandler[int, base.PredictionResult, Any]):
+    """Beam's test handler for model refresh: results name the model path they came from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model_id = "fake_model_id_default"
+
+    def load_model(self) -> Any:
+        return PlusOne()
+
+    def run_inference(
+        self, batch: Sequence[int], model: Any, inference_args: Any = None
+    ) -> Iterable[base.PredictionResult]:
+        return [base.PredictionResult(x, model.predict(x), self.model_id) for x in batch]
+
+    def update_model_path(self, model_path: str | None = None) -> None:
+        self.model_id = model_path or self.model_id
+
+
+def test_model_refresh_through_a_side_input() -> None:
+    """Beam's test_run_inference_side_input_in_batch, with beam-turbo's RunInference."""
+    import math
+    import time as clock
+
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.transforms import trigger, window
+
+    first_ts = math.floor(clock.time()) - 30
+    interval = 7
+    main = [first_ts - 2, first_ts + 1, first_ts + 8, first_ts + 15, first_ts + 22]
+    side = [
+        (first_ts + 1, base.ModelMetadata(model_id="", model_name="")),
+        (first_ts + 8, base.ModelMetadata(model_id="fake_model_id_1", model_name="m1")),
+        (first_ts + 15, base.ModelMetadata(model_id="fake_model_id_2", model_name="m2")),
+    ]
+
+    def flatten(grouped: Any) -> Any:
+        return grouped[1]
+
+    with TestPipeline("FnApiRunner") as pipeline:
+        side_input = (
+            pipeline
+            | "Side" >> beam.Create(side)
+            | "SideTs" >> beam.Map(lambda x: window.TimestampedValue(x[1], x[0]))
+            | "SideWin"
+            >> beam.WindowInto(
+                window.FixedWindows(interval),
+                accumulation_mode=trigger.AccumulationMode.DISCARDING,
+            )
+            | "SideKey" >> beam.Map(lambda x: ("key", x))
+            | "SideGbk" >> beam.GroupByKey()
+            | "SideEmit" >> beam.FlatMap(flatten)
+        )
+        results = (
+            pipeline
+            | "Main" >> beam.Create(main)
+            | "MainTs" >> beam.Map(lambda x: window.TimestampedValue(x, x))
+            | "MainWin" >> beam.WindowInto(window.FixedWindows(interval))
+            | "MainKey" >> beam.Map(lambda x: ("key", x))
+            | "MainGbk" >> beam.GroupByKey()
+            | "MainEmit" >> beam.FlatMap(flatten)
+            | RunInference(PathModelHandler(), model_metadata_pcoll=side_input)
+        )
+        ids = ["fake_model_id_default"] * 2 + ["fake_model_id_1"] + ["fake_model_id_2"] * 2
+        expected = [base.PredictionResult(x, x + 1, i) for x, i in zip(main, ids, strict=True)]
+        assert_that(results, equal_to(expected))

@@ -419,3 +419,30 @@ def test_model_refresh_through_a_side_input() -> None:
         ids = ["fake_model_id_default"] * 2 + ["fake_model_id_1"] + ["fake_model_id_2"] * 2
         expected = [base.PredictionResult(x, x + 1, i) for x, i in zip(main, ids, strict=True)]
         assert_that(results, equal_to(expected))
+
+
+def test_isolated_failures_reach_the_dead_letter_output_alone() -> None:
+    data = [float(i) for i in range(16)]
+    with beam.Pipeline() as pipeline:
+        results, dlq = (
+            pipeline
+            | beam.Create(data)
+            | RunInference(Doubler(bad_value=5.0)).with_exception_handling(isolate_failures=True)
+        )
+        assert_that(doubled(results), equal_to([2 * x for x in data if x != 5.0]))
+        failed = dlq.failed_inferences | beam.Map(lambda failure: (failure[0], failure[1][0]))
+        assert_that(failed, equal_to([([5.0], ValueError)]), label="dead letters")
+
+
+def test_a_model_that_never_loads_sends_elements_to_the_dead_letter_output() -> None:
+    data = [float(i) for i in range(10)]
+    handler = Doubler(fail_loads=10_000)
+    with beam.Pipeline() as pipeline:
+        results, dlq = (
+            pipeline
+            | beam.Create(data)
+            | RunInference(handler, model_load_retries=0).with_exception_handling()
+        )
+        assert_that(results, equal_to([]))
+        failed = dlq.failed_inferences | beam.FlatMap(lambda failure: failure[0])
+        assert_that(failed, equal_to(data), label="every element dead-lettered")

@@ -28,6 +28,7 @@ import logging
 import pickle
 import resource
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -37,7 +38,7 @@ from apache_beam.ml.inference import base
 from apache_beam.transforms import window as beam_window
 
 from beam_turbo import _beam_internals as internals
-from beam_turbo._inference import run_owning_oom
+from beam_turbo._inference import is_out_of_memory, run_owning_oom
 from beam_turbo._native import BatchSizer, ModelCache
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError, ModelLoadError
@@ -45,6 +46,9 @@ from beam_turbo.errors import InvalidInputError, InvalidTypeError, ModelLoadErro
 __all__ = ["RunInference"]
 
 _LOG = logging.getLogger(__name__)
+
+#: The dead-letter tag of Beam's ``ParDo.with_exception_handling`` (its default).
+_DEAD_LETTER_TAG = "bad"
 
 #: Errors that retrying a load cannot fix: the file is not there, or is not a model.
 _PERMANENT_LOAD_ERRORS: tuple[type[BaseException], ...] = (
@@ -107,11 +111,19 @@ class _CachedModels:
 class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
     """Beam's inference DoFn with the model cache, load retries and OOM splitting."""
 
-    def __init__(self, *args: Any, retries: int, backoff_secs: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        retries: int,
+        backoff_secs: float,
+        isolate: tuple[type[BaseException], ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._shared_model_handle = _CachedModels(self._model_tag)
         self._retries = retries
         self._backoff_secs = backoff_secs
+        self._isolate = isolate
 
     def setup(self) -> None:
         handler = self._model_handler
@@ -122,7 +134,29 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
 
     def _run_inference(self, batch: Any, inference_args: Any) -> Any:
         run_batch = super()._run_inference
-        return run_owning_oom(lambda part: run_batch(part, inference_args), batch)
+        if self._isolate is None:
+            return run_owning_oom(lambda part: run_batch(part, inference_args), batch)
+        return run_owning_oom(lambda part: self._isolating(run_batch, part, inference_args), batch)
+
+    def _isolating(
+        self, run_batch: Callable[..., Any], batch: Any, inference_args: Any
+    ) -> list[Any]:
+        """``run_batch``, halving a failing batch until each failing element is alone; those
+        go to the dead-letter output as ``([element], exception_info)``, the rest give results.
+        Out-of-memory errors pass through to the splitting around this."""
+        assert self._isolate is not None
+        try:
+            return list(run_batch(batch, inference_args))
+        except self._isolate as error:
+            if is_out_of_memory(error):
+                raise
+            if len(batch) > 1:
+                middle = len(batch) // 2
+                return self._isolating(run_batch, batch[:middle], inference_args) + self._isolating(
+                    run_batch, batch[middle:], inference_args
+                )
+            info = (type(error), repr(error), traceback.format_exception(error))
+            return [beam.pvalue.TaggedOutput(_DEAD_LETTER_TAG, (list(batch), info))]
 
 
 #: The handler's batching arguments that the fused DoFn implements itself; any other (the
@@ -378,6 +412,31 @@ class RunInference(base.RunInference):
         )
         self._model_load_retries = model_load_retries
         self._model_load_backoff_secs = model_load_backoff_secs
+        self._isolate_failures = False
+
+    def with_exception_handling(
+        self,
+        *,
+        exc_class: Any = Exception,
+        use_subprocess: bool = False,
+        threshold: float = 1,
+        timeout: int | None = None,
+        isolate_failures: bool = False,
+    ) -> RunInference:
+        """Beam's dead-letter output (a ``RunInferenceDLQ`` beside the results), plus
+        ``isolate_failures``: a failing batch is split until the failing elements are found;
+        the others still give results, and each failing one reaches the dead-letter output
+        alone, as ``([element], exception_info)``. No element is lost or duplicated.
+
+        Example:
+            >>> # results, dlq = examples | RunInference(handler).with_exception_handling(
+            >>> #     isolate_failures=True)
+        """
+        super().with_exception_handling(
+            exc_class=exc_class, use_subprocess=use_subprocess, threshold=threshold, timeout=timeout
+        )
+        self._isolate_failures = isolate_failures
+        return self
 
     def _can_fuse(self) -> bool:
         """Whether batching and inference can be one DoFn with Beam's semantics intact.
@@ -427,7 +486,13 @@ class RunInference(base.RunInference):
             batched = pcoll
         else:
             batched = pcoll | BatchElements(**handler.batch_elements_kwargs())  # swapped
-        load_model_at_runtime = self._model_metadata_pcoll is not None or self._timeout is not None
+        # With exception handling, the model loads inside process(), so that a model that
+        # never loads sends the elements to the dead-letter output with its error.
+        load_model_at_runtime = (
+            self._model_metadata_pcoll is not None
+            or self._timeout is not None
+            or self._with_exception_handling
+        )
         dofn = _TurboRunInferenceDoFn(  # swapped
             handler,
             self._clock,
@@ -438,6 +503,7 @@ class RunInference(base.RunInference):
             self._model_manager_args,
             retries=self._model_load_retries,
             backoff_secs=self._model_load_backoff_secs,
+            isolate=self._exc_class if self._isolate_failures else None,
         )
         side_input = (
             beam.pvalue.AsSingleton(self._model_metadata_pcoll)

@@ -137,6 +137,10 @@ class _Staging:
             raise InvalidInputError(
                 f"element 0 is {type(first).__name__}; PytorchModelHandlerTensor takes tensors"
             )
+        if first.device.type != "cpu":
+            # Already on an accelerator: stack there, as Beam does.
+            on_device: torch.Tensor = torch.stack(list(batch)).to(device)
+            return on_device
         if device.type != "cuda":
             # The one copy: straight into the tensor the model reads.
             out = torch.empty((len(batch), *first.shape), dtype=first.dtype)
@@ -158,7 +162,7 @@ class _Staging:
             buffer = torch.empty((len(batch), *first.shape), dtype=first.dtype, pin_memory=True)
         staged = buffer[: len(batch)]
         stack(batch, out=staged)
-        on_device: torch.Tensor = staged.to(device, non_blocking=True)
+        on_device = staged.to(device, non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(torch.cuda.current_stream(device))
         slots[turn] = [buffer, event]

@@ -15,6 +15,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference import base
 from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy as BeamSklearn
 from apache_beam.testing.util import assert_that, equal_to
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.linear_model import LinearRegression
 
 import beam_turbo
@@ -446,3 +448,44 @@ def test_a_model_that_never_loads_sends_elements_to_the_dead_letter_output() -> 
         assert_that(results, equal_to([]))
         failed = dlq.failed_inferences | beam.FlatMap(lambda failure: failure[0])
         assert_that(failed, equal_to(data), label="every element dead-lettered")
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    bad=st.sets(st.integers(0, 39), max_size=4),
+    oom_above=st.one_of(st.none(), st.integers(1, 8)),
+    fail_loads=st.integers(0, 2),
+    isolate=st.booleans(),
+)
+def test_no_element_is_lost_or_duplicated(
+    n: int, bad: set[int], oom_above: int | None, fail_loads: int, isolate: bool
+) -> None:
+    """Elements that raise, batches that run out of memory, a loader that fails then
+    recovers: every element comes out once, as a result or a dead letter."""
+    data = [float(i) for i in range(n)]
+
+    class Scripted(SizedDoubler):
+        def run_inference(
+            self, batch: Sequence[float], model: Any, inference_args: Any = None
+        ) -> Iterable[base.PredictionResult]:
+            if oom_above is not None and len(batch) > oom_above:
+                raise MemoryError("too big")
+            if any(int(x) in bad for x in batch):
+                raise ValueError("bad element")
+            return [base.PredictionResult(x, x * model) for x in batch]
+
+    handler = Scripted(fail_loads=fail_loads)
+    with beam.Pipeline() as pipeline:
+        results, dlq = (
+            pipeline
+            | beam.Create(data)
+            | RunInference(handler, model_load_backoff_secs=0.0).with_exception_handling(
+                isolate_failures=isolate
+            )
+        )
+        good = results | beam.Map(lambda r: r.example)
+        failed = dlq.failed_inferences | beam.FlatMap(lambda failure: failure[0])
+        assert_that((good, failed) | beam.Flatten(), equal_to(data))
+        if isolate:
+            assert_that(failed, equal_to([x for x in data if int(x) in bad]), label="only bad")

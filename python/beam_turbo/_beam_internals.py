@@ -64,22 +64,22 @@ MAX_LIVE_WINDOWS = 10
 
 def at_end_of_global_window(value: Any) -> Any:
     """``value`` in the global window, at its end (as Beam's batching emits batches)."""
-    return GlobalWindows.windowed_value_at_end_of_window(value)  # type: ignore[no-untyped-call]
+    return GlobalWindows.windowed_value_at_end_of_window(value)
 
 
 def shared_key_dofn() -> Any:
     """Beam's DoFn keying elements by a per-process id, for its stateful batching."""
-    return WithSharedKey()  # type: ignore[no-untyped-call]
+    return WithSharedKey()
 
 
 def length_bucket_key_dofn(length_fn: Any, boundaries: Any) -> Any:
     """Beam's DoFn keying elements by (per-process id, length bucket)."""
-    return WithLengthBucketKey(length_fn, boundaries)  # type: ignore[no-untyped-call]
+    return WithLengthBucketKey(length_fn, boundaries)
 
 
 def beam_batch_size_estimator(**kwargs: Any) -> Any:
     """Beam's own ``_BatchSizeEstimator`` (for comparisons), with ``kwargs`` as its arguments."""
-    return _BatchSizeEstimator(**kwargs)  # type: ignore[no-untyped-call]
+    return _BatchSizeEstimator(**kwargs)
 
 
 __all__ = [

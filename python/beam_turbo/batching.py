@@ -282,12 +282,8 @@ def _stateful_batching_dofn(
     """Beam's stateful batching (batches across bundles, flushed by size, window end or a
     processing-time limit), with the sizer kept in state and element weights honoured."""
     elements_state = BagStateSpec("values", input_coder)
-    count_state = CombiningValueStateSpec(
-        "count",
-        coders.VarIntCoder(),
-        CountCombineFn(),  # type: ignore[no-untyped-call]
-    )
-    weight_state = CombiningValueStateSpec("weight", coders.FloatCoder(), _SumWeights())  # type: ignore[no-untyped-call]
+    count_state = CombiningValueStateSpec("count", coders.VarIntCoder(), CountCombineFn())
+    weight_state = CombiningValueStateSpec("weight", coders.FloatCoder(), _SumWeights())
     target_state = ReadModifyWriteStateSpec("batch_size", coders.FloatCoder())
     sizer_state = ReadModifyWriteStateSpec("batch_estimator", coders.PickleCoder())
     window_timer = TimerSpec("window_end", TimeDomain.WATERMARK)
@@ -330,7 +326,7 @@ def _stateful_batching_dofn(
             if weight.read() >= goal:
                 yield from self._flush(*state)
 
-        @on_timer(window_timer)
+        @on_timer(window_timer)  # type: ignore[untyped-decorator]
         def on_window_end(
             self,
             elements: Any = beam.DoFn.StateParam(elements_state),
@@ -342,7 +338,7 @@ def _stateful_batching_dofn(
         ) -> Iterator[Any]:
             yield from self._flush(elements, count, weight, target, sizer_in_state, buffering_end)
 
-        @on_timer(buffering_timer)
+        @on_timer(buffering_timer)  # type: ignore[untyped-decorator]
         def on_buffering_end(
             self,
             elements: Any = beam.DoFn.StateParam(elements_state),
@@ -378,12 +374,12 @@ def _stateful_batching_dofn(
             sizer_in_state.write(state_sizer)
             buffering_end.clear()
 
-    return _StatefulBatchingDoFn()  # type: ignore[no-untyped-call]
+    return _StatefulBatchingDoFn()
 
 
 def _pardo(fn: beam.DoFn) -> Any:
     """``beam.ParDo(fn)``, which Beam does not annotate."""
-    return beam.ParDo(fn)  # type: ignore[no-untyped-call]
+    return beam.ParDo(fn)
 
 
 class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
@@ -517,7 +513,7 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
             )
             return batches
         args = (self._sizer, self._element_size_fn, self._max_batch_weight, timing)
-        if not pcoll.windowing.is_default():  # type: ignore[no-untyped-call]
+        if not pcoll.windowing.is_default():
             batches = pcoll | _pardo(_WindowAwareBatchingDoFn(*args))
         elif self._element_size_fn is _unit_weight:
             batches = pcoll | _pardo(_UnitBatchingDoFn(*args))

@@ -209,3 +209,19 @@ def test_proposals_stay_within_bounds_and_below_the_ceiling(
             assert n < sizer.ceiling
     assert sizer.batches == len(events)
     assert pickle.loads(pickle.dumps(sizer)).next_size() == sizer.next_size()
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    from beam_turbo import _beam_internals, batching
+
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in finder.find(BatchSizer, "BatchSizer", globs={}):
+        runner.run(test)
+    for module in (batching, _beam_internals):
+        for test in finder.find(module):
+            runner.run(test)
+    assert runner.summarize(verbose=False).attempted >= 10
+    assert runner.summarize(verbose=False).failed == 0

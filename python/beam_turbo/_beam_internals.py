@@ -44,6 +44,7 @@ from apache_beam.transforms.util import (  # noqa: E402
     WithLengthBucketKey,
     WithSharedKey,
     _BatchSizeEstimator,
+    _GlobalWindowsBatchingDoFn,
 )
 from apache_beam.transforms.window import GlobalWindows  # noqa: E402
 from apache_beam.utils.windowed_value import WindowedValue  # noqa: E402
@@ -82,6 +83,12 @@ def beam_batch_size_estimator(**kwargs: Any) -> Any:
     return _BatchSizeEstimator(**kwargs)
 
 
+def beam_global_batching_dofn(element_size_fn: Any = None, **kwargs: Any) -> Any:
+    """Beam's own batching DoFn for the global window (for comparisons)."""
+    size_fn = element_size_fn if element_size_fn is not None else (lambda x: 1)
+    return _GlobalWindowsBatchingDoFn(_BatchSizeEstimator(**kwargs), size_fn)
+
+
 __all__ = [
     "BATCH_SIZE_METRIC",
     "DEFAULT_BUCKET_BOUNDARIES",
@@ -93,6 +100,7 @@ __all__ = [
     "WindowedValue",
     "at_end_of_global_window",
     "beam_batch_size_estimator",
+    "beam_global_batching_dofn",
     "check_beam_version",
     "length_bucket_key_dofn",
     "shared_key_dofn",

@@ -225,3 +225,14 @@ def test_docstring_examples_run() -> None:
             runner.run(test)
     assert runner.summarize(verbose=False).attempted >= 10
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_bench_batching_quick_runs_and_plots(tmp_path: Any, capsys: Any) -> None:
+    from beam_turbo.cli import main
+
+    plot = tmp_path / "sizes.png"
+    assert main(["bench", "batching", "--quick", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    for scenario in range(1, 8):
+        assert f"\n{scenario}: " in out
+    assert plot.stat().st_size > 10_000

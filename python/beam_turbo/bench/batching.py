@@ -257,7 +257,9 @@ def per_element_rows(elements: int, rounds: int) -> list[list[str]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--quick", action="store_true", help="100,000 elements (a smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="100,000 elements, goals not judged (a smoke run)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and Beam's jitter")
     parser.add_argument("--plot", metavar="FILE", help="draw batch sizes over time (PNG, SVG...)")
     return parser
@@ -329,6 +331,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(runs, args.plot)
         print(f"\nbatch sizes drawn to {args.plot}")
+    if args.quick:
+        # Growth costs weigh ten times more on a tenth of the elements: judged on full runs.
+        print("\n(--quick: a smoke run; the goals are judged on 1,000,000 elements)")
+        return 0
     return 0 if all_met else 1
 
 

@@ -17,6 +17,7 @@ use crate::errors::PyCoreError;
 /// batches are weighed. It pickles with everything it learned.
 ///
 /// Example:
+///
 ///     >>> from beam_turbo import BatchSizer
 ///     >>> sizer = BatchSizer(max_batch_size=100)
 ///     >>> sizer.next_size()

@@ -27,7 +27,7 @@
 //!
 //! While holding, each batch's time is compared with the fit's prediction, as a log ratio
 //! divided by the running noise level (at least 2%). A two-sided CUSUM (drift 0.5, threshold
-//! 6, each step clipped to +/-4 so that one outlier alone never triggers) accumulates the
+//! 8, each step clipped to +/-4 so that one outlier alone never triggers) accumulates the
 //! evidence; a swapped model or a slower machine moves every batch the same way and crosses
 //! the threshold within two or three batches, while the noise of a steady workload takes
 //! thousands of batches to. On a change the sizer forgets its bins but the last one, measures
@@ -74,10 +74,10 @@ const NOISE_PRIOR: f64 = 0.25;
 /// Noise below this (relative) is taken as this, so that float rounding is no evidence.
 const NOISE_FLOOR: f64 = 0.02;
 /// Residuals averaged plainly before the noise level becomes a moving average.
-const NOISE_WARMUP: f64 = 16.0;
+const NOISE_WARMUP: f64 = 32.0;
 /// CUSUM drift, threshold and per-step clip, in units of the noise level.
 const CUSUM_DRIFT: f64 = 0.5;
-const CUSUM_THRESHOLD: f64 = 6.0;
+const CUSUM_THRESHOLD: f64 = 8.0;
 const CUSUM_CLIP: f64 = 4.0;
 /// The memory search stops when the ceiling is within this factor of the largest success.
 const MEMORY_RESOLUTION: f64 = 1.25;

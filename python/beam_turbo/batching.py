@@ -326,7 +326,7 @@ def _stateful_batching_dofn(
             if weight.read() >= goal:
                 yield from self._flush(*state)
 
-        @on_timer(window_timer)  # type: ignore[untyped-decorator]
+        @on_timer(window_timer)
         def on_window_end(
             self,
             elements: Any = beam.DoFn.StateParam(elements_state),
@@ -338,7 +338,7 @@ def _stateful_batching_dofn(
         ) -> Iterator[Any]:
             yield from self._flush(elements, count, weight, target, sizer_in_state, buffering_end)
 
-        @on_timer(buffering_timer)  # type: ignore[untyped-decorator]
+        @on_timer(buffering_timer)
         def on_buffering_end(
             self,
             elements: Any = beam.DoFn.StateParam(elements_state),

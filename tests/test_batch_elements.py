@@ -5,6 +5,7 @@ streaming mode with TestStream; pipelines in-process and multi-process."""
 from __future__ import annotations
 
 import inspect
+import pickle
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -52,6 +53,11 @@ COLLECTED: list[list[Any]] = []
 
 def collect(batch: list[Any]) -> None:
     COLLECTED.append(batch)
+
+
+def collect_and_pass(batch: list[Any]) -> list[Any]:
+    COLLECTED.append(batch)
+    return batch
 
 
 def run_batches(transform: beam.PTransform[Any, Any], elements: Iterable[Any]) -> list[list[Any]]:
@@ -265,6 +271,51 @@ def test_max_batch_weight_caps_the_weight() -> None:
     assert batches == [["aaa", "bb"], ["c", "dddd"], ["ee", "f"], ["gggggg"]]
 
 
+# --- memory failures reported downstream ----------------------------------------------------
+
+
+class SplitsLargeBatches(beam.DoFn):
+    """Runs out of memory on batches of 16 and more: reports it, then does them in halves."""
+
+    def __init__(self, report: Callable[[float], None]) -> None:
+        self._report = report
+
+    def process(self, batch: list[int]) -> Iterable[int]:
+        if len(batch) >= 16:
+            self._report(len(batch))
+            yield len(batch[: len(batch) // 2])
+            yield len(batch[len(batch) // 2 :])
+        else:
+            yield len(batch)
+
+
+def test_memory_failures_reported_downstream_set_the_ceiling() -> None:
+    batching = BatchElements(min_batch_size=1, max_batch_size=64)
+    COLLECTED.clear()
+    with beam.Pipeline() as p:
+        _ = (
+            p
+            | beam.Create(range(600), reshuffle=False)
+            | batching
+            | beam.Map(collect_and_pass)
+            | beam.ParDo(SplitsLargeBatches(batching.memory_failure_reporter()))
+        )
+    sizes = [len(b) for b in COLLECTED]
+    COLLECTED.clear()
+    assert sum(sizes) == 600
+    first = next(i for i, n in enumerate(sizes) if n >= 16)
+    assert all(n < sizes[first] for n in sizes[first + 1 :]), sizes
+    assert max(sizes[first + 1 :]) >= 8, f"it backs off to just below the ceiling: {sizes}"
+
+
+def test_memory_failure_reporter_is_picklable_and_harmless_elsewhere() -> None:
+    report = BatchElements().memory_failure_reporter()
+    again = pickle.loads(pickle.dumps(report))
+    assert again == report
+    again(100)  # no batching DoFn of that transform here: nothing to tell
+    assert batching._take_memory_failures(report.key) == [100]
+
+
 # --- properties, on the DoFns directly (fast) ------------------------------------------------
 
 
@@ -328,7 +379,7 @@ def test_every_element_once_within_limits_never_mixed(
         record_metrics=False,
     )
     timing = batching._Timing(clock, record_metrics=False)
-    args = (transform._sizer, weight_of, cap, timing)
+    args = (transform._sizer, transform._sizer_key, weight_of, cap, timing)
     windowed = windows > 1
     if windowed:
         dofn: beam.DoFn = batching._WindowAwareBatchingDoFn(*args)

@@ -37,18 +37,18 @@ def pipeline(transform: Callable[..., Any], **kwargs: Any) -> Callable[[], None]
 
 @pytest.mark.benchmark(group=f"DirectRunner pipeline, {ELEMENTS:,} elements")
 def test_pipeline_beam_turbo(benchmark: Any) -> None:
-    benchmark.pedantic(pipeline(beam_turbo.BatchElements), rounds=3, iterations=1)
+    benchmark.pedantic(pipeline(beam_turbo.BatchElements), rounds=5, iterations=1)
 
 
 @pytest.mark.benchmark(group=f"DirectRunner pipeline, {ELEMENTS:,} elements")
 def test_pipeline_beam(benchmark: Any) -> None:
-    benchmark.pedantic(pipeline(beam.BatchElements), rounds=3, iterations=1)
+    benchmark.pedantic(pipeline(beam.BatchElements), rounds=5, iterations=1)
 
 
 @pytest.mark.benchmark(group=f"DirectRunner pipeline, {ELEMENTS:,} weighted elements")
 def test_weighted_pipeline_beam_turbo(benchmark: Any) -> None:
     run = pipeline(beam_turbo.BatchElements, element_size_fn=weight_one)
-    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.pedantic(run, rounds=5, iterations=1)
 
 
 @pytest.mark.benchmark(group=f"DirectRunner pipeline, {ELEMENTS:,} weighted elements")

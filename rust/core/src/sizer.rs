@@ -8,20 +8,23 @@
 //!
 //! # Why it converges fast
 //!
-//! * **A local, relative fit.** Observations are merged into bins of nearly equal size (5%
-//!   apart in log size), each keeping its mean size, its mean time and a count capped at 16 (so
-//!   a bin follows drifting costs). The line `a + b*n` is fitted by least squares weighted by
-//!   `count / time^2`, that is on relative errors, which is what timing noise is: a small batch
-//!   then informs `a` as much as a large one informs `b`. Only bins within a factor of 4 of the
-//!   size being planned take part (all bins if that leaves fewer than two), so a cost curve that
-//!   is not a straight line (flat up to a GPU's width, then linear) is fitted where it is used.
+//! * **A relative fit, with a knee.** Observations are merged into bins of nearly equal size
+//!   (5% apart in log size), each keeping its mean size, its mean time and a count capped at 16
+//!   (so a bin follows drifting costs). The line `a + b*n` is fitted by least squares weighted
+//!   by `count / time^2`, that is on relative errors, which is what timing noise is: a small
+//!   batch then informs `a` as much as a large one informs `b`. Where the costs bend (flat up to
+//!   a GPU's width, then linear) and a flat part plus a line above a knee leave less than a
+//!   tenth of one line's misfit, the line above the knee is used, so the target comes from the
+//!   costs where the batches will run.
 //! * **Growth bounded by extrapolation, not by habit.** The next size is the fitted target,
 //!   but never more than 4 times the largest size measured so far: far enough to reach 10,000
 //!   from 1 in 8 batches, near enough that the fit is trusted only a little beyond its data.
 //! * **Hold, don't jitter.** Once the target is within reach, the sizer holds it, and moves
 //!   only when the fitted target leaves a band of 8% around the size held. The bins at the
 //!   sizes measured while growing keep the fit anchored, so no jitter is needed to keep it
-//!   well posed.
+//!   well posed. The price: the fixed cost is learned from the growth phase's small batches
+//!   and is not refined later, so under heavy timing noise (tens of percent) an interior
+//!   target (not capped by `max_batch_size`) is held where that first estimate puts it.
 //!
 //! # How cost changes are detected
 //!

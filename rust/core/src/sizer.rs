@@ -34,8 +34,8 @@
 //! evidence; a swapped model or a slower machine moves every batch the same way and crosses
 //! the threshold within two or three batches, while the noise of a steady workload takes
 //! thousands of batches to. On a change the sizer forgets its bins but the last one, measures
-//! a quarter of the held size to learn the new fixed and per-element costs apart, and goes
-//! straight to the new target.
+//! a quarter, a sixteenth and a 64th of the held size (small batches that pin the new fixed
+//! cost down and cost little) and goes straight to the new target.
 //!
 //! # How the memory ceiling works
 //!
@@ -82,6 +82,9 @@ const NOISE_WARMUP: f64 = 32.0;
 const CUSUM_DRIFT: f64 = 0.5;
 const CUSUM_THRESHOLD: f64 = 8.0;
 const CUSUM_CLIP: f64 = 4.0;
+/// Batches measured after a cost change, at a quarter, a sixteenth and a 64th of the held
+/// size: small batches pin the new fixed cost down, and cost little.
+const RELEARN_PROBES: usize = 3;
 /// The memory search stops when the ceiling is within this factor of the largest success.
 const MEMORY_RESOLUTION: f64 = 1.25;
 /// Successes after a memory failure before the ceiling is probed again (doubling per failure).
@@ -570,22 +573,25 @@ impl BatchSizer {
             return;
         }
         let largest = self.bins.iter().map(|b| b.size).fold(0.0, f64::max);
+        let relearn = |k: usize| largest / GROWTH.powi(k as i32);
         let desired = match self.bins.len() {
             0 => {
                 self.holding = false;
                 self.fit = None;
                 min
             }
-            1 if self.after_change && largest / GROWTH >= min as f64 => {
-                // A change: measure a smaller batch to tell the fixed cost from the rest.
+            k if self.after_change && k <= RELEARN_PROBES && relearn(k) >= min as f64 => {
+                // A change: measure smaller batches to tell the fixed cost from the rest.
                 self.holding = false;
-                (largest / GROWTH).floor() as u64
+                self.fit = self.model();
+                relearn(k).floor() as u64
             }
             1 => {
                 self.holding = false;
                 grown(largest, max)
             }
             _ => {
+                self.after_change = false;
                 self.fit = self.model();
                 let target = self.fit.map_or(max, |f| self.config.target_size(f.fixed, f.per_element));
                 let reach = grown(largest, max);
@@ -601,8 +607,6 @@ impl BatchSizer {
         };
         if self.bins.len() < 2 {
             self.fit = None;
-        } else {
-            self.after_change = false;
         }
         self.planned = self.memory.limit(desired.clamp(min, max), min);
     }
@@ -934,7 +938,9 @@ mod tests {
         });
         let change_at = change_at.unwrap();
         assert_eq!(s.changes(), 1);
-        assert!(settled_at(&sizes[change_at..], 4750) <= 5, "{:?}", &sizes[change_at - 2..change_at + 8]);
+        let after = &sizes[change_at..change_at + 10];
+        assert!(settled_at(&sizes[change_at..], 4750) <= 8, "{after:?}");
+        assert!(after.iter().any(|&n| n < 1000), "small batches relearn the fixed cost: {after:?}");
     }
 
     #[test]
@@ -942,7 +948,7 @@ mod tests {
         let mut s = sizer();
         let sizes = drive(&mut s, 120, u64::MAX, |n, i| if i < 40 { 0.5 + 2e-3 * n } else { 0.5 + 1e-3 * n });
         assert_eq!(s.changes(), 1);
-        assert!(settled_at(&sizes[40..], 9500) <= 6, "{:?}", &sizes[38..50]);
+        assert!(settled_at(&sizes[40..], 9500) <= 8, "{:?}", &sizes[38..50]);
     }
 
     #[test]

@@ -547,6 +547,19 @@ def test_adaptive_pipeline_times_the_downstream_work() -> None:
     assert dist.committed.max > 1, "it grew"
 
 
+def test_multi_threaded_pipeline_shares_one_sizer() -> None:
+    options = PipelineOptions(["--direct_running_mode=multi_threading", "--direct_num_workers=2"])
+    words = [f"w{i}" for i in range(3000)]
+    with beam.Pipeline(options=options) as p:
+        batches = p | beam.Create(words) | BatchElements(min_batch_size=2, max_batch_size=100)
+        assert_that(batches | beam.FlatMap(lambda b: b), equal_to(words), label="once")
+        assert_that(
+            batches | beam.Map(lambda b: 0 < len(b) <= 100),
+            lambda found: all(found) or pytest.fail("over the limit"),
+            label="limits",
+        )
+
+
 @pytest.mark.slow
 def test_multi_process_pipeline() -> None:
     options = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])

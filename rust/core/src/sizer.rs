@@ -45,8 +45,9 @@
 //! at or above it. Between the largest size that succeeded below the ceiling and the ceiling
 //! itself the sizer searches by halving the gap in log size, one probe per batch, until the
 //! two are within 25%; it then holds the largest size that succeeded. (Growth by at most 4x
-//! puts the first failure within 4x of the limit, so this takes two or three probes, one of
-//! which may fail.) A success below the ceiling raises that floor; a memory failure at a size
+//! puts the first failure within 4x of the limit, so this takes at most three probes: from
+//! one failure in all, when the limit is just below a growth step, to four, when it is just
+//! above one.) A success below the ceiling raises that floor; a memory failure at a size
 //! that succeeded before (memory taken by something else) restarts the search from half of
 //! it. The ceiling itself is tried again only after a quiet period of successes: 1,000 batches
 //! after the latest memory failure, doubling with each memory failure, so retries cost at
@@ -1041,6 +1042,18 @@ mod tests {
         // After each failure, nothing at or above the failed size is proposed.
         for (i, &n) in sizes.iter().enumerate().filter(|&(_, &n)| n > 3000) {
             assert!(sizes[i + 1..].iter().all(|&m| m < n), "{sizes:?}");
+        }
+    }
+
+    #[test]
+    fn memory_search_costs_at_most_four_failures() {
+        for limit in [5, 17, 1100, 2047, 2900, 4095, 7000] {
+            let mut s = sizer();
+            let sizes = drive(&mut s, 300, limit, |n, _| 0.01 + 1e-5 * n);
+            let failed = sizes.iter().filter(|&&n| n > limit).count();
+            assert!(failed <= 4, "limit {limit}: {failed} failures");
+            let held = *sizes.last().unwrap();
+            assert!(held <= limit && held as f64 >= limit as f64 / 1.25, "limit {limit}: holds {held}");
         }
     }
 

@@ -51,6 +51,7 @@ from apache_beam.transforms.util import (  # noqa: E402
     WithLengthBucketKey,
     WithSharedKey,
     _BatchSizeEstimator,
+    _GlobalWindowsBatchingDoFn,
 )
 from apache_beam.transforms.window import GlobalWindows  # noqa: E402
 from apache_beam.utils.windowed_value import WindowedValue  # noqa: E402
@@ -71,22 +72,28 @@ MAX_LIVE_WINDOWS = 10
 
 def at_end_of_global_window(value: Any) -> Any:
     """``value`` in the global window, at its end (as Beam's batching emits batches)."""
-    return GlobalWindows.windowed_value_at_end_of_window(value)  # type: ignore[no-untyped-call]
+    return GlobalWindows.windowed_value_at_end_of_window(value)
 
 
 def shared_key_dofn() -> Any:
     """Beam's DoFn keying elements by a per-process id, for its stateful batching."""
-    return WithSharedKey()  # type: ignore[no-untyped-call]
+    return WithSharedKey()
 
 
 def length_bucket_key_dofn(length_fn: Any, boundaries: Any) -> Any:
     """Beam's DoFn keying elements by (per-process id, length bucket)."""
-    return WithLengthBucketKey(length_fn, boundaries)  # type: ignore[no-untyped-call]
+    return WithLengthBucketKey(length_fn, boundaries)
 
 
 def beam_batch_size_estimator(**kwargs: Any) -> Any:
     """Beam's own ``_BatchSizeEstimator`` (for comparisons), with ``kwargs`` as its arguments."""
-    return _BatchSizeEstimator(**kwargs)  # type: ignore[no-untyped-call]
+    return _BatchSizeEstimator(**kwargs)
+
+
+def beam_global_batching_dofn(element_size_fn: Any = None, **kwargs: Any) -> Any:
+    """Beam's own batching DoFn for the global window (for comparisons)."""
+    size_fn = element_size_fn if element_size_fn is not None else (lambda x: 1)
+    return _GlobalWindowsBatchingDoFn(_BatchSizeEstimator(**kwargs), size_fn)
 
 
 __all__ = [
@@ -102,6 +109,7 @@ __all__ = [
     "WindowedValue",
     "at_end_of_global_window",
     "beam_batch_size_estimator",
+    "beam_global_batching_dofn",
     "check_beam_version",
     "length_bucket_key_dofn",
     "shared_key_dofn",

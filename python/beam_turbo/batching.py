@@ -22,8 +22,11 @@ deliberate:
 
 from __future__ import annotations
 
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -45,7 +48,7 @@ from beam_turbo import _beam_internals as internals
 from beam_turbo._native import BatchSizer
 from beam_turbo.errors import InvalidInputError
 
-__all__ = ["BatchElements"]
+__all__ = ["BatchElements", "MemoryFailureReporter"]
 
 
 #: What ``process`` returns for an element that completes no batch: nothing to emit. (Named,
@@ -56,6 +59,58 @@ _NO_OUTPUT = None
 def _unit_weight(element: Any) -> int:
     """Every element weighs 1 (Beam's default ``element_size_fn``)."""
     return 1
+
+
+_REGISTRY_LOCK = threading.Lock()
+#: This process's sizer of each BatchElements (by key): its DoFn instances (threads, bundles,
+#: a DoFn rebuilt after a failed bundle) share what it learned.
+_SIZERS: dict[str, BatchSizer] = {}
+#: Memory failures reported downstream, by BatchElements key, not yet told to its sizer.
+_MEMORY_FAILURES: dict[str, list[float]] = {}
+
+
+def _shared_sizer(key: str, initial: BatchSizer) -> BatchSizer:
+    with _REGISTRY_LOCK:
+        return _SIZERS.setdefault(key, initial)
+
+
+def _take_memory_failures(key: str) -> list[float]:
+    if not _MEMORY_FAILURES:  # the common case, without the lock
+        return []
+    with _REGISTRY_LOCK:
+        return _MEMORY_FAILURES.pop(key, [])
+
+
+@dataclass(frozen=True)
+class MemoryFailureReporter:
+    """Tells a :class:`BatchElements` that a batch of ``size`` ran out of memory downstream.
+
+    Made by :meth:`BatchElements.memory_failure_reporter`; picklable, so the work downstream
+    (an inference DoFn that splits a batch after a CUDA out-of-memory error) can take it to the
+    workers. ``size`` is in the batch-size units: elements, or total weight with
+    ``element_size_fn``. The batching DoFn fused upstream, in the same process, hears of it
+    when the batch returns: that batch's time is not recorded, and the sizer will not propose
+    that size again (see :class:`BatchSizer`). Elsewhere, calling it does nothing.
+
+    Example:
+        >>> from beam_turbo import BatchElements
+        >>> report = BatchElements().memory_failure_reporter()
+        >>> report(4096)  # in the DoFn that ran out of memory on a batch of 4096
+    """
+
+    key: str
+
+    def __call__(self, size: float) -> None:
+        with _REGISTRY_LOCK:
+            _MEMORY_FAILURES.setdefault(self.key, []).append(size)
+
+
+def _tell_sizer(sizer: BatchSizer, key: str) -> bool:
+    """Passes the memory failures reported for ``key`` to ``sizer``; true if there were any."""
+    failures = _take_memory_failures(key)
+    for size in failures:
+        sizer.record_failure(size, memory=True)
+    return bool(failures)
 
 
 class _Timing:
@@ -106,11 +161,13 @@ class _BatchingDoFn(beam.DoFn):
     def __init__(
         self,
         sizer: BatchSizer,
+        key: str,
         element_size_fn: Callable[[Any], float],
         max_batch_weight: float | None,
         timing: _Timing,
     ) -> None:
         self._sizer = sizer
+        self._key = key
         self._weigh = element_size_fn
         self._max_weight = float("inf") if max_batch_weight is None else max_batch_weight
         self._timing = timing
@@ -121,6 +178,7 @@ class _BatchingDoFn(beam.DoFn):
 
     def setup(self) -> None:
         self._timing.setup()
+        self._sizer = _shared_sizer(self._key, self._sizer)
         # Downstream setup (loading a model) would make the first timing meaningless.
         self._untimed = True
 
@@ -135,7 +193,8 @@ class _BatchingDoFn(beam.DoFn):
     def _emit(self, batch: list[Any], weight: float) -> Iterator[Any]:
         start = self._timing.now()
         yield internals.at_end_of_global_window(batch)
-        self._timing.done(None if self._untimed else self._sizer, weight, start)
+        failed = _tell_sizer(self._sizer, self._key)
+        self._timing.done(None if self._untimed or failed else self._sizer, weight, start)
         self._untimed = False
         self._next_target()
 
@@ -204,11 +263,13 @@ class _WindowAwareBatchingDoFn(beam.DoFn):
     def __init__(
         self,
         sizer: BatchSizer,
+        key: str,
         element_size_fn: Callable[[Any], float],
         max_batch_weight: float | None,
         timing: _Timing,
     ) -> None:
         self._sizer = sizer
+        self._key = key
         self._weigh = element_size_fn
         self._max_weight = float("inf") if max_batch_weight is None else max_batch_weight
         self._timing = timing
@@ -218,6 +279,7 @@ class _WindowAwareBatchingDoFn(beam.DoFn):
 
     def setup(self) -> None:
         self._timing.setup()
+        self._sizer = _shared_sizer(self._key, self._sizer)
         self._untimed = True
 
     def start_bundle(self) -> None:
@@ -227,7 +289,8 @@ class _WindowAwareBatchingDoFn(beam.DoFn):
     def _emit(self, win: Any, batch: _SizedBatch) -> Iterator[Any]:
         start = self._timing.now()
         yield internals.WindowedValue(batch.elements, win.max_timestamp(), (win,))
-        self._timing.done(None if self._untimed else self._sizer, batch.weight, start)
+        failed = _tell_sizer(self._sizer, self._key)
+        self._timing.done(None if self._untimed or failed else self._sizer, batch.weight, start)
         self._untimed = False
         self._target = min(self._sizer.next_size(), self._max_weight)
 
@@ -274,6 +337,7 @@ class _SumWeights(beam.CombineFn):
 def _stateful_batching_dofn(
     input_coder: coders.Coder,
     sizer: BatchSizer,
+    key: str,
     element_size_fn: Callable[[Any], float],
     max_batch_weight: float | None,
     max_buffering_secs: float,
@@ -282,12 +346,8 @@ def _stateful_batching_dofn(
     """Beam's stateful batching (batches across bundles, flushed by size, window end or a
     processing-time limit), with the sizer kept in state and element weights honoured."""
     elements_state = BagStateSpec("values", input_coder)
-    count_state = CombiningValueStateSpec(
-        "count",
-        coders.VarIntCoder(),
-        CountCombineFn(),  # type: ignore[no-untyped-call]
-    )
-    weight_state = CombiningValueStateSpec("weight", coders.FloatCoder(), _SumWeights())  # type: ignore[no-untyped-call]
+    count_state = CombiningValueStateSpec("count", coders.VarIntCoder(), CountCombineFn())
+    weight_state = CombiningValueStateSpec("weight", coders.FloatCoder(), _SumWeights())
     target_state = ReadModifyWriteStateSpec("batch_size", coders.FloatCoder())
     sizer_state = ReadModifyWriteStateSpec("batch_estimator", coders.PickleCoder())
     window_timer = TimerSpec("window_end", TimeDomain.WATERMARK)
@@ -373,17 +433,18 @@ def _stateful_batching_dofn(
             state_sizer = sizer_in_state.read() or sizer
             start = timing.now()
             yield batch
-            timing.done(state_sizer, batch_weight, start)
+            failed = _tell_sizer(state_sizer, key)
+            timing.done(None if failed else state_sizer, batch_weight, start)
             target.write(min(state_sizer.next_size(), max_weight))
             sizer_in_state.write(state_sizer)
             buffering_end.clear()
 
-    return _StatefulBatchingDoFn()  # type: ignore[no-untyped-call]
+    return _StatefulBatchingDoFn()
 
 
 def _pardo(fn: beam.DoFn) -> Any:
     """``beam.ParDo(fn)``, which Beam does not annotate."""
-    return beam.ParDo(fn)  # type: ignore[no-untyped-call]
+    return beam.ParDo(fn)
 
 
 class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
@@ -480,6 +541,8 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
             ),
             variance=variance,
         )
+        # Names this transform's sizer in each worker process (see memory_failure_reporter).
+        self._sizer_key = uuid.uuid4().hex
         self._element_size_fn = element_size_fn
         self._max_batch_weight = max_batch_weight
         self._max_batch_dur = max_batch_duration_secs
@@ -490,6 +553,18 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
             self._bucket_boundaries: list[float] | None = list(internals.DEFAULT_BUCKET_BOUNDARIES)
         else:
             self._bucket_boundaries = None if bucket_boundaries is None else list(bucket_boundaries)
+
+    def memory_failure_reporter(self) -> MemoryFailureReporter:
+        """A picklable callable through which the work downstream reports a batch that ran out
+        of memory, so that the sizer backs off and does not propose that size again.
+
+        Example:
+            >>> from beam_turbo import BatchElements
+            >>> batching = BatchElements()
+            >>> report = batching.memory_failure_reporter()
+            >>> report(512)  # where a batch of 512 raised CUDA's out-of-memory error
+        """
+        return MemoryFailureReporter(self._sizer_key)
 
     def expand(self, pcoll: PCollection[Any]) -> PCollection[list[Any]]:
         timing = _Timing(self._clock, self._record_metrics)
@@ -508,6 +583,7 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
                     _stateful_batching_dofn(
                         coder,
                         self._sizer,
+                        self._sizer_key,
                         self._element_size_fn,
                         self._max_batch_weight,
                         self._max_batch_dur,
@@ -516,8 +592,8 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
                 )
             )
             return batches
-        args = (self._sizer, self._element_size_fn, self._max_batch_weight, timing)
-        if not pcoll.windowing.is_default():  # type: ignore[no-untyped-call]
+        args = (self._sizer, self._sizer_key, self._element_size_fn, self._max_batch_weight, timing)
+        if not pcoll.windowing.is_default():
             batches = pcoll | _pardo(_WindowAwareBatchingDoFn(*args))
         elif self._element_size_fn is _unit_weight:
             batches = pcoll | _pardo(_UnitBatchingDoFn(*args))

@@ -17,6 +17,7 @@ use crate::errors::PyCoreError;
 /// batches are weighed. It pickles with everything it learned.
 ///
 /// Example:
+///
 ///     >>> from beam_turbo import BatchSizer
 ///     >>> sizer = BatchSizer(max_batch_size=100)
 ///     >>> sizer.next_size()
@@ -73,44 +74,56 @@ impl BatchSizer {
         Ok(Self { inner: Mutex::new(sizer::BatchSizer::new(config).map_err(PyCoreError)?) })
     }
 
+    /// The size of the next batch (elements, or total weight when batches are weighed).
     fn next_size(&self) -> u64 {
         self.sizer().next_size()
     }
 
+    /// Records a batch of `size` whose downstream work took `seconds`. Sizes that are not
+    /// positive and timings that are NaN, infinite or negative count but teach nothing.
     fn record(&self, size: f64, seconds: f64) {
         self.sizer().record(size, seconds);
     }
 
+    /// Records a batch of `size` that failed; `memory=True` (out of memory) sets the ceiling,
+    /// any other failure only counts.
     #[pyo3(signature = (size, memory = true))]
     fn record_failure(&self, size: f64, memory: bool) {
         self.sizer().record_failure(size, memory);
     }
 
+    /// The smallest size that failed for memory, not proposed again until a long run of
+    /// successes; or `None`.
     #[getter]
     fn ceiling(&self) -> Option<u64> {
         self.sizer().ceiling()
     }
 
+    /// The fitted fixed cost of a batch in seconds, once two sizes have been measured.
     #[getter]
     fn fixed_cost(&self) -> Option<f64> {
         self.sizer().fit().map(|fit| fit.fixed)
     }
 
+    /// The fitted cost per element (or unit of weight) in seconds.
     #[getter]
     fn per_element_cost(&self) -> Option<f64> {
         self.sizer().fit().map(|fit| fit.per_element)
     }
 
+    /// Batches recorded, successful or not.
     #[getter]
     fn batches(&self) -> u64 {
         self.sizer().batches()
     }
 
+    /// Batches that failed, for memory or not.
     #[getter]
     fn failures(&self) -> u64 {
         self.sizer().failures()
     }
 
+    /// Changes of the costs detected (a model swapped, a slower machine).
     #[getter]
     fn cost_changes(&self) -> u64 {
         self.sizer().changes()
@@ -127,10 +140,12 @@ impl BatchSizer {
         )
     }
 
+    /// The whole learned state, a few hundred bytes.
     fn __getstate__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.sizer().to_bytes())
     }
 
+    /// Restores a state made by `__getstate__`.
     fn __setstate__(&self, state: &[u8]) -> PyResult<()> {
         *self.sizer() = sizer::BatchSizer::from_bytes(state).map_err(PyCoreError)?;
         Ok(())

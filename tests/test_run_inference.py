@@ -489,3 +489,16 @@ def test_no_element_is_lost_or_duplicated(
         assert_that((good, failed) | beam.Flatten(), equal_to(data))
         if isolate:
             assert_that(failed, equal_to([x for x in data if int(x) in bad]), label="only bad")
+
+
+def test_two_step_path_teaches_batch_elements_the_memory_ceiling(tmp_path: Path) -> None:
+    record = tmp_path / "calls"
+    data = [float(i) for i in range(300)]
+    handler = SizedDoubler(oom_above=5, record=str(record))
+    with beam.Pipeline() as pipeline:
+        # Exception handling selects the two-step path (BatchElements, then inference).
+        results, _ = pipeline | beam.Create(data) | RunInference(handler).with_exception_handling()
+        assert_that(doubled(results), equal_to([2 * x for x in data]))
+    sizes = batch_sizes(record)
+    assert 1 <= len([s for s in sizes if s > 5]) <= 4, sizes
+    assert sum(s for s in sizes if s <= 5) == len(data)

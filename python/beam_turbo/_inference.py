@@ -112,17 +112,13 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_splitting_on_oom(
-    run: Callable[[Sequence[T]], list[R]],
-    batch: Sequence[T],
-    on_oom: Callable[[int], None] | None = None,
-) -> list[R]:
+def run_splitting_on_oom(run: Callable[[Sequence[T]], list[R]], batch: Sequence[T]) -> list[R]:
     """``run(batch)``, splitting the batch in halves while it fails for memory (for handlers).
 
     A part that fails is halved until it fits (or is a single element, whose error is
     raised); the size that fit is kept for the rest of the batch, so a 1,024-element batch
     that fits only 100 at a time fails four times, not once per part. Results come back in
-    the order of ``batch``. ``on_oom(size)`` is told each size that failed. Inside
+    the order of ``batch``. Inside
     :func:`run_owning_oom` (beam-turbo's ``RunInference``), the error goes straight through
     to the transform instead, which splits and tells its batch sizer.
 
@@ -136,16 +132,17 @@ def run_splitting_on_oom(
     """
     if _OOM_OWNED.get() or not batch:
         return run(batch)
-    return _split_on_oom(run, batch, on_oom)
+    return _split_on_oom(run, batch, None)
 
 
 def run_owning_oom(
     run: Callable[[Sequence[T]], list[R]],
     batch: Sequence[T],
-    on_oom: Callable[[int], None] | None = None,
+    on_oom: Callable[[Sequence[T]], None] | None = None,
 ) -> list[R]:
     """:func:`run_splitting_on_oom` for the transform: handlers inside ``run`` let their
-    out-of-memory errors through, and the splitting happens here."""
+    out-of-memory errors through, and the splitting happens here. ``on_oom(part)`` is told
+    each part that failed (to teach a batch sizer)."""
     token = _OOM_OWNED.set(True)
     try:
         return _split_on_oom(run, batch, on_oom) if batch else run(batch)
@@ -156,7 +153,7 @@ def run_owning_oom(
 def _split_on_oom(
     run: Callable[[Sequence[T]], list[R]],
     batch: Sequence[T],
-    on_oom: Callable[[int], None] | None,
+    on_oom: Callable[[Sequence[T]], None] | None,
 ) -> list[R]:
     results: list[R] = []
     start, limit = 0, len(batch)
@@ -171,7 +168,7 @@ def _split_on_oom(
             _LOG.warning("A batch of %d ran out of memory; retrying in halves.", len(part))
             free_accelerator_memory()
             if on_oom is not None:
-                on_oom(len(part))
+                on_oom(part)
             limit = len(part) // 2
             continue
         results.extend(done)

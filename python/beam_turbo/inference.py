@@ -117,6 +117,7 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
         retries: int,
         backoff_secs: float,
         isolate: tuple[type[BaseException], ...] | None = None,
+        report_memory_failure: Callable[[float], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -124,6 +125,10 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
         self._retries = retries
         self._backoff_secs = backoff_secs
         self._isolate = isolate
+        self._report_memory_failure = report_memory_failure
+        self._weigh: Callable[[Any], float] | None = dict(
+            self._model_handler.batch_elements_kwargs()
+        ).get("element_size_fn")
 
     def setup(self) -> None:
         handler = self._model_handler
@@ -135,8 +140,21 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
     def _run_inference(self, batch: Any, inference_args: Any) -> Any:
         run_batch = super()._run_inference
         if self._isolate is None:
-            return run_owning_oom(lambda part: run_batch(part, inference_args), batch)
-        return run_owning_oom(lambda part: self._isolating(run_batch, part, inference_args), batch)
+            return run_owning_oom(
+                lambda part: run_batch(part, inference_args), batch, self._ran_out_of_memory
+            )
+        return run_owning_oom(
+            lambda part: self._isolating(run_batch, part, inference_args),
+            batch,
+            self._ran_out_of_memory,
+        )
+
+    def _ran_out_of_memory(self, part: Sequence[Any]) -> None:
+        """Tell the BatchElements upstream, whose sizer then backs off below this size."""
+        if self._report_memory_failure is not None:
+            weigh = self._weigh
+            size = len(part) if weigh is None else sum(weigh(element) for element in part)
+            self._report_memory_failure(float(size))
 
     def _isolating(
         self, run_batch: Callable[..., Any], batch: Any, inference_args: Any
@@ -337,8 +355,8 @@ class _FusedInferenceDoFn(beam.DoFn):
             return float(len(batch))
         return float(sum(self._weigh(element) for element in batch))
 
-    def _ran_out_of_memory(self, size: int) -> None:
-        self._sizer.record_failure(size, memory=True)
+    def _ran_out_of_memory(self, part: Sequence[Any]) -> None:
+        self._sizer.record_failure(self._weight_of(part), memory=True)
 
 
 class _WindowedFusedInferenceDoFn(_FusedInferenceDoFn):
@@ -482,10 +500,13 @@ class RunInference(base.RunInference):
             return self._finish(results, None, bad_preprocessed)
         if self._watch_model_pattern:
             self._model_metadata_pcoll = self._get_model_metadata_pcoll(pcoll.pipeline)
+        report = None
         if handler.should_skip_batching():
             batched = pcoll
         else:
-            batched = pcoll | BatchElements(**handler.batch_elements_kwargs())  # swapped
+            batching = BatchElements(**handler.batch_elements_kwargs())  # swapped
+            report = batching.memory_failure_reporter()
+            batched = pcoll | batching
         # With exception handling, the model loads inside process(), so that a model that
         # never loads sends the elements to the dead-letter output with its error.
         load_model_at_runtime = (
@@ -504,6 +525,7 @@ class RunInference(base.RunInference):
             retries=self._model_load_retries,
             backoff_secs=self._model_load_backoff_secs,
             isolate=self._exc_class if self._isolate_failures else None,
+            report_memory_failure=report,
         )
         side_input = (
             beam.pvalue.AsSingleton(self._model_metadata_pcoll)

@@ -340,7 +340,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(runs: list[tuple[Scenario, Run, Run]], path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise SystemExit(
+            "--plot needs matplotlib: pip install matplotlib (it is in the dev group)"
+        ) from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

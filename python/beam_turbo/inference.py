@@ -29,7 +29,7 @@ import pickle
 import resource
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -195,6 +195,9 @@ _SIZER_ARGS = _FUSED_BATCHING_ARGS - {"max_batch_weight", "element_size_fn"}
 
 
 _GLOBAL = beam_window.GlobalWindow()
+#: What process() returns for an element that completes no batch. (Not a literal None:
+#: Beam warns about DoFns whose source returns None.)
+_NOTHING: tuple[()] = ()
 #: Its end: the timestamp and windows of results emitted at the end of a bundle.
 _END_OF_GLOBAL_WINDOW = internals.at_end_of_global_window(None)
 
@@ -274,7 +277,7 @@ class _FusedInferenceDoFn(beam.DoFn):
         # The global window's buffer, also in _buffers; a window's hash is a Python call.
         self._global_buffer = None
 
-    def process(self, element: Any) -> Iterator[Any] | None:
+    def process(self, element: Any) -> Iterable[Any]:
         # No window parameter: Beam invokes such a DoFn on its fast path (global window only;
         # see _WindowedFusedInferenceDoFn). Unweighted elements take a short path that builds
         # no generator unless a batch is due.
@@ -287,7 +290,7 @@ class _FusedInferenceDoFn(beam.DoFn):
         elements.append(element)
         if len(elements) >= buffer.target or len(elements) >= self._max_weight:
             return self._emit(_GLOBAL, self._take(_GLOBAL))
-        return None
+        return _NOTHING
 
     def _add(self, element: Any, window: Any) -> Iterator[Any]:
         buffer = self._buffers.get(window)

@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -408,3 +409,32 @@ def test_a_grandchild_after_two_forks_still_works() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# --- soak (slow) --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_short_soak_loses_nothing_and_gets_every_result_right(tmp_path: Path) -> None:
+    """scripts/soak.py at a small size: the pipeline counts every element out, sixteen
+    threads' stack and ModelCache results are all right, and no fault loses or duplicates
+    an element. (Resident memory is judged on the full run; see RELIABILITY.md.)"""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            *("--elements", "100000", "--chunk", "50000", "--seconds", "8"),
+            *("--fault-elements", "400", "--fault-repeats", "1", "--max-growth-mib", "1024"),
+            *("--out", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "soak: passed" in result.stdout
+    faults = (tmp_path / "faults.csv").read_text().splitlines()
+    assert len(faults) == 1 + 2 * 5  # a header, five faults in two modes
+    assert (tmp_path / "soak.png").stat().st_size > 0

@@ -33,6 +33,8 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
 FUZZ_FLAGS=(--sanitizer none --release --debug-assertions)
+step "cargo fmt --check (fuzz crate, outside the main workspace)"
+(cd fuzz && cargo fmt --check)
 step "cargo fuzz build"
 cargo fuzz build "${FUZZ_FLAGS[@]}"
 

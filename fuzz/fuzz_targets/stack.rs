@@ -1,5 +1,5 @@
-//! Fuzzes the stacking kernels: `Stacker` (push, batch_bytes, copy_into on 1-4 threads,
-//! check_disjoint), `extent` and `pad_bytes`, against simple reference implementations.
+//! Fuzzes the stacking kernels: `Stacker` (`push`, `batch_bytes`, `copy_into` on 1-4 threads,
+//! `check_disjoint`), `extent` and `pad_bytes`, against simple reference implementations.
 //!
 //! Every input describes memory inside one real backing buffer (shape, byte strides of any
 //! sign or size, an offset, an item size); descriptions that would reach outside it are

@@ -742,7 +742,10 @@ impl BatchSizer {
             }
             sizer.bins.push(bin);
         }
-        if !r.0.is_empty() || !(config.min()..=config.max()).contains(&planned) {
+        // The largest success lies below the ceiling; a state where it does not would propose
+        // sizes beyond max_batch_size (found by fuzzing).
+        let memory_consistent = sizer.memory.ceiling.is_none_or(|c| sizer.memory.safe < c);
+        if !r.0.is_empty() || !(config.min()..=config.max()).contains(&planned) || !memory_consistent {
             return Err(bad());
         }
         Ok(sizer)
@@ -1179,6 +1182,13 @@ mod tests {
         }
         let mut wrong = bytes.clone();
         wrong[5..13].copy_from_slice(&20i64.to_le_bytes()); // min above max
+        assert!(BatchSizer::from_bytes(&wrong).is_err());
+        // A largest success at or above the ceiling.
+        let mut failed = sizer();
+        failed.record_failure(100.0, true);
+        let mut wrong = failed.to_bytes();
+        assert_eq!(wrong[118..126], 100u64.to_le_bytes(), "the ceiling's offset in the layout");
+        wrong[126..134].copy_from_slice(&10_000_000u64.to_le_bytes());
         assert!(BatchSizer::from_bytes(&wrong).is_err());
     }
 }

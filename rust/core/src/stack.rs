@@ -91,11 +91,12 @@ pub fn pad_bytes(value: PadValue, kind: ScalarKind, dtype: &str) -> Result<Vec<u
             1 => Ok(vec![1]),
             _ => Err(refuse("bool holds only False/True (0 or 1)")),
         },
-        ScalarKind::Signed(bytes) | ScalarKind::Unsigned(bytes) => {
+        ScalarKind::Signed(bytes @ 1..=16) | ScalarKind::Unsigned(bytes @ 1..=16) => {
             let v = whole()?;
             let bits = 8 * bytes as u32;
             let (lo, hi) = if matches!(kind, ScalarKind::Signed(_)) {
-                (-(1i128 << (bits - 1)), (1i128 << (bits - 1)) - 1)
+                // Arithmetic shifts: no overflow at 128 bits (found by fuzzing).
+                (i128::MIN >> (128 - bits), i128::MAX >> (128 - bits))
             } else {
                 (0, if bits >= 128 { i128::MAX } else { (1i128 << bits) - 1 })
             };
@@ -132,7 +133,11 @@ pub fn pad_bytes(value: PadValue, kind: ScalarKind, dtype: &str) -> Result<Vec<u
             Ok([(re as f32).to_ne_bytes(), (im as f32).to_ne_bytes()].concat())
         }
         ScalarKind::Complex(16) => Ok([re.to_ne_bytes(), im.to_ne_bytes()].concat()),
-        ScalarKind::Float(_) | ScalarKind::Complex(_) | ScalarKind::Other => {
+        ScalarKind::Signed(_)
+        | ScalarKind::Unsigned(_)
+        | ScalarKind::Float(_)
+        | ScalarKind::Complex(_)
+        | ScalarKind::Other => {
             Err(refuse("pad= works with bool, integer, floating and complex dtypes in native byte order"))
         }
     }
@@ -343,6 +348,14 @@ impl Stacker {
                 shape_buf.copy_from_slice(&self.shapes[index * ndim..(index + 1) * ndim]);
             }
             let shape = &shape_buf;
+            if shape.contains(&0) {
+                // An empty source reads nothing and its strides may be anything (numpy allows
+                // it), so no pointer is formed from them: all padding (found by fuzzing).
+                if let Some(pattern) = pad {
+                    fill(out, pattern);
+                }
+                continue;
+            }
             if src.contiguous && shape == &self.item_shape {
                 // SAFETY: a contiguous source of the item shape spans exactly `element_bytes`
                 // readable bytes (contract of `push`); `out` is a distinct, writable slice of
@@ -361,7 +374,8 @@ impl Stacker {
 /// (`dst_shape[d] >= shape[d]`), filling what the source does not cover with `pad`.
 ///
 /// # Safety
-/// `src` with `shape` and `strides` must describe readable memory of `itemsize`-byte items.
+/// `src` with `shape` and `strides` must describe readable memory of `itemsize`-byte items,
+/// and the source must not be empty (no dimension of 0).
 unsafe fn copy_strided(
     src: *const u8,
     shape: &[usize],
@@ -538,6 +552,17 @@ mod tests {
     }
 
     #[test]
+    fn empty_sources_with_wild_strides_are_all_padding() {
+        let a = [1.0f32, 2.0];
+        // numpy allows any strides on an array with a 0 dimension; none may be followed.
+        let (shape, values) =
+            stack_f32(&[(&a, &[3, 0], &[isize::MIN / 8, 1], 0), (&a, &[1, 2], &[2, 1], 0)], Some(0.5), 1);
+        assert_eq!(shape, vec![2, 3, 2]);
+        assert_eq!(values[..6], [0.5; 6]);
+        assert_eq!(values[6..8], [1.0, 2.0]);
+    }
+
+    #[test]
     fn parallel_copy_matches_serial() {
         let big: Vec<f32> = (0..(1 << 20)).map(|i| i as f32).collect();
         let inputs: Vec<Input<'_>> = (0..8).map(|_| (&big[..], &[1 << 20][..], &[1][..], 0)).collect();
@@ -623,6 +648,10 @@ mod tests {
         assert!(err(PadValue::Complex(0.0, 1.0), ScalarKind::Float(8)).contains("imaginary"));
         assert!(err(PadValue::Complex(1.0, 1.0), ScalarKind::Signed(8)).contains("imaginary"));
         assert!(err(PadValue::Int(0), ScalarKind::Other).contains("pad= works with"));
+        // Integer widths no numpy dtype has are refused, not a panic (found by fuzzing).
+        assert_eq!(ok(PadValue::Int(i128::MIN), ScalarKind::Signed(16)), i128::MIN.to_ne_bytes().to_vec());
+        assert!(err(PadValue::Int(1), ScalarKind::Signed(0)).contains("pad= works with"));
+        assert!(err(PadValue::Int(1), ScalarKind::Unsigned(17)).contains("pad= works with"));
         let msg = pad_bytes(PadValue::Int(300), ScalarKind::Unsigned(1), "uint8").unwrap_err().to_string();
         assert!(msg.starts_with("pad=300 cannot be held by dtype uint8"), "{msg}");
     }

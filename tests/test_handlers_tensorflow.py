@@ -100,3 +100,19 @@ def test_inside_stock_beam_run_inference(saved: str) -> None:
             | beam.Map(lambda r: round(float(r.inference.numpy()[0]), 4))
         )
         assert_that(outputs, equal_to(expected))
+
+
+def test_out_of_memory_splits_the_batch(saved: str) -> None:
+    sizes: list[int] = []
+
+    def model(batch: np.ndarray[Any, Any]) -> Any:
+        sizes.append(len(batch))
+        if len(batch) > 4:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+        return tf.constant(batch.sum(axis=1, keepdims=True))
+
+    handler = TFModelHandlerNumpy(saved)
+    batch = [np.full(4, i, np.float32) for i in range(10)]
+    results = list(handler.run_inference(batch, model))
+    assert [float(r.inference.numpy()[0]) for r in results] == [4.0 * i for i in range(10)]
+    assert sizes == [10, 5, 2, 2, 2, 2, 2]

@@ -450,33 +450,38 @@ def test_a_model_that_never_loads_sends_elements_to_the_dead_letter_output() -> 
         assert_that(failed, equal_to(data), label="every element dead-lettered")
 
 
-@settings(max_examples=6, deadline=None)
-@given(
-    n=st.integers(1, 40),
-    bad=st.sets(st.integers(0, 39), max_size=4),
-    oom_above=st.one_of(st.none(), st.integers(1, 8)),
-    fail_loads=st.integers(0, 2),
-    isolate=st.booleans(),
-)
-def test_no_element_is_lost_or_duplicated(
-    n: int, bad: set[int], oom_above: int | None, fail_loads: int, isolate: bool
+class Scripted(SizedDoubler):
+    """Fails as a test scripts it: elements that raise, batches that run out of memory."""
+
+    def __init__(self, *, bad: frozenset[int], oom_above: int | None, fail_loads: int) -> None:
+        super().__init__(fail_loads=fail_loads)
+        self.bad = bad
+        self.scripted_oom_above = oom_above
+
+    def run_inference(
+        self, batch: Sequence[float], model: Any, inference_args: Any = None
+    ) -> Iterable[base.PredictionResult]:
+        if self.scripted_oom_above is not None and len(batch) > self.scripted_oom_above:
+            raise MemoryError("too big")
+        if any(int(x) in self.bad for x in batch):
+            raise ValueError("bad element")
+        return [base.PredictionResult(x, x * model) for x in batch]
+
+
+def check_no_loss(
+    n: int,
+    bad: set[int],
+    oom_above: int | None,
+    fail_loads: int,
+    isolate: bool,
+    options: Sequence[str] = (),
 ) -> None:
-    """Elements that raise, batches that run out of memory, a loader that fails then
-    recovers: every element comes out once, as a result or a dead letter."""
+    """Every element comes out once, as a result or a dead letter."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     data = [float(i) for i in range(n)]
-
-    class Scripted(SizedDoubler):
-        def run_inference(
-            self, batch: Sequence[float], model: Any, inference_args: Any = None
-        ) -> Iterable[base.PredictionResult]:
-            if oom_above is not None and len(batch) > oom_above:
-                raise MemoryError("too big")
-            if any(int(x) in bad for x in batch):
-                raise ValueError("bad element")
-            return [base.PredictionResult(x, x * model) for x in batch]
-
-    handler = Scripted(fail_loads=fail_loads)
-    with beam.Pipeline() as pipeline:
+    handler = Scripted(bad=frozenset(bad), oom_above=oom_above, fail_loads=fail_loads)
+    with beam.Pipeline(options=PipelineOptions(list(options))) as pipeline:
         results, dlq = (
             pipeline
             | beam.Create(data)
@@ -489,6 +494,41 @@ def test_no_element_is_lost_or_duplicated(
         assert_that((good, failed) | beam.Flatten(), equal_to(data))
         if isolate:
             assert_that(failed, equal_to([x for x in data if int(x) in bad]), label="only bad")
+
+
+FAILURE_PATTERNS = {
+    "n": st.integers(1, 40),
+    "bad": st.sets(st.integers(0, 39), max_size=4),
+    "oom_above": st.one_of(st.none(), st.integers(1, 8)),
+    "fail_loads": st.integers(0, 2),
+    "isolate": st.booleans(),
+}
+
+
+@settings(max_examples=6, deadline=None)
+@given(**FAILURE_PATTERNS)
+def test_no_element_is_lost_or_duplicated(
+    n: int, bad: set[int], oom_above: int | None, fail_loads: int, isolate: bool
+) -> None:
+    """Elements that raise, batches that run out of memory, a loader that fails then
+    recovers: every element comes out once, as a result or a dead letter."""
+    check_no_loss(n, bad, oom_above, fail_loads, isolate)
+
+
+@pytest.mark.slow
+@settings(max_examples=3, deadline=None)
+@given(**FAILURE_PATTERNS)
+def test_no_element_is_lost_or_duplicated_multi_process(
+    n: int, bad: set[int], oom_above: int | None, fail_loads: int, isolate: bool
+) -> None:
+    check_no_loss(
+        n,
+        bad,
+        oom_above,
+        fail_loads,
+        isolate,
+        ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+    )
 
 
 def test_two_step_path_teaches_batch_elements_the_memory_ceiling(tmp_path: Path) -> None:

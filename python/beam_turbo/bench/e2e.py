@@ -94,7 +94,7 @@ def make_framework(name: str, folder: str, *, tree: bool = False) -> Framework:
 
         return Framework(
             name,
-            torch.from_numpy,
+            lambda row: torch.from_numpy(row.copy()),  # its own storage, as a decoded element has
             PytorchModelHandlerTensor(**spec),
             turbo_pytorch.PytorchModelHandlerTensor(**spec),
             bare_torch,
@@ -224,6 +224,30 @@ def bare_per_element_secs(framework: Framework) -> float:
 GOALS = {"sklearn": (1.5, 0.85), "torch": (5.0, 0.75), "tensorflow": (10.0, 0.7)}
 
 
+_PEAK_SCRIPT = """
+import resource, sys, tempfile
+from beam_turbo.bench import e2e
+framework_name, which, elements = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with tempfile.TemporaryDirectory() as folder:
+    e2e.run_pipeline(e2e.make_framework(framework_name, folder), which, elements)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_resident_mib(framework: str, which: str, elements: int) -> float:
+    """Peak resident memory (MiB) of a fresh process that runs one pipeline."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, framework, which, str(elements)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(done.stdout.split()[-1]) / 1024
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--framework", choices=sorted(GOALS), default="sklearn")
     parser.add_argument("--quick", action="store_true", help="smaller runs, one round")
@@ -257,4 +281,10 @@ def run(args: argparse.Namespace) -> int:
         ],
     ]
     print_table(["pipeline", "elements/s", "fraction of ideal", "vs stock"], rows)
+    peak = {which: peak_resident_mib(args.framework, which, large) for which in ("stock", "turbo")}
+    print(
+        f"\npeak resident memory, one pipeline of {large:,} elements in a fresh process: "
+        f"stock {peak['stock']:.0f} MiB, beam-turbo {peak['turbo']:.0f} MiB, "
+        f"{peak['turbo'] / peak['stock']:.2f}x (goal <= 1.1x)"
+    )
     return 0

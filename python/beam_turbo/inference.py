@@ -97,6 +97,13 @@ def retrying(load: Callable[[], Any], retries: int, backoff_secs: float) -> Call
     return load_with_retries
 
 
+def _weight(part: Sequence[Any], weigh: Callable[[Any], float] | None) -> float:
+    """A batch's size in its sizer's units: elements, or total weight with ``element_size_fn``."""
+    if weigh is None:
+        return float(len(part))
+    return float(sum(weigh(element) for element in part))
+
+
 class _CachedModels:
     """Stands where Beam's DoFn keeps its ``Shared`` handle: ``acquire(load, tag)`` answered
     from the process's :class:`ModelCache`, keyed by the transform's model tag."""
@@ -152,9 +159,7 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
     def _ran_out_of_memory(self, part: Sequence[Any]) -> None:
         """Tell the BatchElements upstream, whose sizer then backs off below this size."""
         if self._report_memory_failure is not None:
-            weigh = self._weigh
-            size = len(part) if weigh is None else sum(weigh(element) for element in part)
-            self._report_memory_failure(float(size))
+            self._report_memory_failure(_weight(part, self._weigh))
 
     def _isolating(
         self, run_batch: Callable[..., Any], batch: Any, inference_args: Any
@@ -347,19 +352,14 @@ class _FusedInferenceDoFn(beam.DoFn):
                 self._metrics.failed_batches_counter.inc()
             raise
         elapsed_ns = self._clock.time_ns() - start
-        self._sizer.record(self._weight_of(batch), elapsed_ns / 1e9)
+        self._sizer.record(_weight(batch, self._weigh), elapsed_ns / 1e9)
         self._chosen_size.update(len(batch))
         if self._metrics is not None:
             self._metrics.update(len(batch), self._handler.get_num_bytes(batch), elapsed_ns // 1000)
         return results
 
-    def _weight_of(self, batch: Sequence[Any]) -> float:
-        if self._weigh is None:
-            return float(len(batch))
-        return float(sum(self._weigh(element) for element in batch))
-
     def _ran_out_of_memory(self, part: Sequence[Any]) -> None:
-        self._sizer.record_failure(self._weight_of(part), memory=True)
+        self._sizer.record_failure(_weight(part, self._weigh), memory=True)
 
 
 class _WindowedFusedInferenceDoFn(_FusedInferenceDoFn):

@@ -192,16 +192,40 @@ class _TorchRunner:
                 with torch.autocast(device_type=self._device.type, dtype=self._autocast):
                     yield
 
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
+        """The batch's true size in bytes, over every key of keyed elements (Beam's figure is
+        only right for one-dimensional tensors)."""
+        known = self._byte_sizes.recall(batch)
+        return known if known is not None else _nbytes_of(batch)
+
+    def _run_user_fn(
+        self,
+        batch: Sequence[Any],
+        model: torch.nn.Module,
+        args: dict[str, Any],
+        model_id: str | None,
+    ) -> list[PredictionResult]:
+        """A user's ``inference_fn`` on exactly what Beam gives it, with the grad and autocast
+        modes and the out-of-memory splitting."""
+
+        def run(part: Sequence[Any]) -> list[PredictionResult]:
+            with self._modes():
+                inference_fn: Any = self._inference_fn  # type: ignore[attr-defined]
+                return list(inference_fn(part, model, self._device, args, model_id))
+
+        return run_splitting_on_oom(run, batch)
+
     def _model_id(self) -> str | None:
         path: str | None = self._torch_script_model_path or self._state_dict_path  # type: ignore[attr-defined]
         return path
 
-    def _load(self, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    def load_model(self) -> torch.nn.Module:
+        """Load the model onto the chosen device (the CPU, with a warning, if CUDA is unusable)."""
         self._device = _usable_device(self._requested_device)
         path = self._model_id()
         with loading_model(path, "PyTorch model"):
             try:
-                return load()
+                return super().load_model()  # type: ignore[misc, no-any-return]
             except RuntimeError as error:
                 if "state_dict" not in str(error):
                     raise
@@ -271,10 +295,6 @@ class PytorchModelHandlerTensor(_TorchRunner, beam_pytorch.PytorchModelHandlerTe
         )
         self._setup(device, inference_mode, autocast_dtype)
 
-    def load_model(self) -> torch.nn.Module:
-        """Load the model onto the chosen device (the CPU, with a warning, if CUDA is unusable)."""
-        return self._load(super().load_model)
-
     def run_inference(
         self,
         batch: Sequence[torch.Tensor],
@@ -285,12 +305,7 @@ class PytorchModelHandlerTensor(_TorchRunner, beam_pytorch.PytorchModelHandlerTe
         args = inference_args or {}
         model_id = self._model_id()
         if self._inference_fn is not beam_pytorch.default_tensor_inference_fn:
-
-            def run_user_fn(part: Sequence[torch.Tensor]) -> list[PredictionResult]:
-                with self._modes():
-                    return list(self._inference_fn(part, model, self._device, args, model_id))
-
-            return run_splitting_on_oom(run_user_fn, batch)
+            return self._run_user_fn(batch, model, args, model_id)
 
         def run(part: Sequence[torch.Tensor]) -> list[PredictionResult]:
             with self._modes():
@@ -300,11 +315,6 @@ class PytorchModelHandlerTensor(_TorchRunner, beam_pytorch.PytorchModelHandlerTe
             return prediction_results(part, predictions, model_id)
 
         return run_splitting_on_oom(run, batch)
-
-    def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
-        """The batch's true size in bytes (Beam's figure is only right for 1-d tensors)."""
-        known = self._byte_sizes.recall(batch)
-        return known if known is not None else _nbytes_of(batch)
 
 
 def _nbytes_of(batch: Sequence[Any]) -> int:
@@ -369,10 +379,6 @@ class PytorchModelHandlerKeyedTensor(_TorchRunner, beam_pytorch.PytorchModelHand
         )
         self._setup(device, inference_mode, autocast_dtype)
 
-    def load_model(self) -> torch.nn.Module:
-        """Load the model onto the chosen device (the CPU, with a warning, if CUDA is unusable)."""
-        return self._load(super().load_model)
-
     def run_inference(
         self,
         batch: Sequence[dict[str, torch.Tensor]],
@@ -383,12 +389,7 @@ class PytorchModelHandlerKeyedTensor(_TorchRunner, beam_pytorch.PytorchModelHand
         args = inference_args or {}
         model_id = self._model_id()
         if self._inference_fn is not beam_pytorch.default_keyed_tensor_inference_fn:
-
-            def run_user_fn(part: Sequence[dict[str, torch.Tensor]]) -> list[PredictionResult]:
-                with self._modes():
-                    return list(self._inference_fn(part, model, self._device, args, model_id))
-
-            return run_splitting_on_oom(run_user_fn, batch)
+            return self._run_user_fn(batch, model, args, model_id)
 
         def run(part: Sequence[dict[str, torch.Tensor]]) -> list[PredictionResult]:
             keys = list(part[0])
@@ -408,8 +409,3 @@ class PytorchModelHandlerKeyedTensor(_TorchRunner, beam_pytorch.PytorchModelHand
             return prediction_results(part, predictions, model_id)
 
         return run_splitting_on_oom(run, batch)
-
-    def get_num_bytes(self, batch: Sequence[dict[str, torch.Tensor]]) -> int:
-        """The batch's true size in bytes, over every key."""
-        known = self._byte_sizes.recall(batch)
-        return known if known is not None else _nbytes_of(batch)

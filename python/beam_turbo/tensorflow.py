@@ -16,6 +16,7 @@ values: eager tensors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -71,15 +72,7 @@ class _TFRunner:
 
 def _on_device() -> Any:
     device = _device()
-    return tf.device(device) if device else _nothing()
-
-
-class _nothing:  # noqa: N801 - a context manager used like a function
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    return tf.device(device) if device else contextlib.nullcontext()
 
 
 class TFModelHandlerNumpy(_TFRunner, beam_tf.TFModelHandlerNumpy):

@@ -30,7 +30,7 @@ from beam_turbo.bench._timing import print_table
 
 
 def _with_progress(label: str, work: Callable[[], float]) -> float:
-    """Run ``work`` while a line shows that it is running and for how long."""
+    """``work()``, while a line shows that it is running and for how long."""
     done = threading.Event()
     start = time.perf_counter()
 
@@ -46,19 +46,22 @@ def _with_progress(label: str, work: Callable[[], float]) -> float:
     spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
     try:
-        seconds = work()
+        result = work()
     finally:
         done.set()
         spinner.join()
-    print(f"\r  {label}: done in {seconds:.1f} s{' ' * 10}", flush=True)
-    return seconds
+    print(f"\r  {label}: done in {time.perf_counter() - start:.1f} s{' ' * 10}", flush=True)
+    return result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--framework", choices=["sklearn", "torch", "tensorflow"], default="sklearn"
     )
-    parser.add_argument("--elements", type=int, default=200_000, help="elements to time")
+    parser.add_argument(
+        "--elements", type=int, default=200_000, help="elements to time (at least 100,000)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (the median)")
     parser.add_argument(
         "--check", type=int, default=20_000, help="elements whose predictions are compared"
     )
@@ -72,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     options: Sequence[str] = [o for o in args.beam_options if o != "--"]
-    elements = max(4 * e2e.CHUNK, args.elements // e2e.CHUNK * e2e.CHUNK)
+    # Fewer elements than this time the runner's noise, not the pipelines.
+    elements = max(_MIN_TIMED, args.elements // e2e.CHUNK * e2e.CHUNK)
     checked = min(elements, args.check)
     print(
         f"beam-turbo demo: {elements:,} elements through a {args.framework} model, "
@@ -80,21 +84,20 @@ def run(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory() as folder:
         framework = e2e.make_framework(args.framework, folder, tree=True)
-        # Each pipeline runs twice, small then full: the difference is the time the extra
-        # elements took, so start-up (the same for both sizes) cancels out.
+        # Elements per second from the slope between a small run and the full one (start-up
+        # cancels out), the median of --rounds rounds, as bench e2e measures them.
         small = 2 * e2e.CHUNK
-        startup = {w: e2e.run_pipeline(framework, w, small, options) for w in ("stock", "turbo")}
-        print("timing (elements counted at the end of each pipeline):")
+        print(f"timing ({args.rounds} rounds of {small:,} and {elements:,} elements each):")
         seconds = {
             which: _with_progress(
                 _LABELS[which],
-                lambda which=which: e2e.run_pipeline(framework, which, elements, options),  # type: ignore[misc]
+                lambda which=which: e2e.per_element_secs(  # type: ignore[misc]
+                    framework, which, small, elements, args.rounds, options
+                ),
             )
             for which in ("stock", "turbo")
         }
-        rate = {
-            w: (elements - small) / max(seconds[w] - startup[w], 1e-9) for w in ("stock", "turbo")
-        }
+        rate = {w: 1 / seconds[w] for w in ("stock", "turbo")}
         print(f"checking predictions (the first {checked:,} elements, keyed by id, written out):")
         outputs = {which: os.path.join(folder, which) for which in ("stock", "turbo")}
         for which in ("stock", "turbo"):
@@ -108,16 +111,14 @@ def run(args: argparse.Namespace) -> int:
     agree = e2e.same_predictions(stock, turbo, framework.exact) and len(stock) == checked
     print()
     print_table(
-        ["pipeline", "elements/s", "seconds (whole run)"],
-        [
-            [f"{_LABELS[w]} RunInference", f"{rate[w]:,.0f}", f"{seconds[w]:.2f}"]
-            for w in ("stock", "turbo")
-        ],
+        ["pipeline", "elements/s"],
+        [[f"{_LABELS[w]} RunInference", f"{rate[w]:,.0f}"] for w in ("stock", "turbo")],
     )
     how = "exactly" if framework.exact else "within allclose"
     print(
         f"\nspeed-up: {rate['turbo'] / rate['stock']:.2f}x "
-        f"(elements/s between a {small:,}-element run and the full one; start-up cancels)"
+        f"(median over {args.rounds} rounds of the slope between {small:,} and {elements:,} "
+        "elements; start-up cancels out)"
     )
     print(
         f"predictions: {'the same' if agree else 'DIFFERENT'} for all {len(stock):,} elements "
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 _LABELS = {"stock": "stock Beam", "turbo": "beam-turbo"}
+_MIN_TIMED = 100_000
 
 
 def _runner(options: Sequence[str]) -> str:

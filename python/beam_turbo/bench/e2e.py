@@ -200,13 +200,18 @@ def same_predictions(a: dict[int, list[float]], b: dict[int, list[float]], exact
 
 
 def per_element_secs(
-    framework: Framework, which: str, small: int, large: int, rounds: int
+    framework: Framework,
+    which: str,
+    small: int,
+    large: int,
+    rounds: int,
+    options: Sequence[str] = (),
 ) -> float:
     """Median over rounds of the slope between a small and a large run (seconds/element)."""
     slopes = []
     for _ in range(rounds):
-        t_small = run_pipeline(framework, which, small)
-        t_large = run_pipeline(framework, which, large)
+        t_small = run_pipeline(framework, which, small, options)
+        t_large = run_pipeline(framework, which, large, options)
         slopes.append(max(t_large - t_small, 1e-9) / (large - small))
     return statistics.median(slopes)
 

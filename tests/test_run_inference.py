@@ -474,9 +474,11 @@ def check_no_loss(
     oom_above: int | None,
     fail_loads: int,
     isolate: bool,
+    two_step: bool,
     options: Sequence[str] = (),
 ) -> None:
-    """Every element comes out once, as a result or a dead letter."""
+    """Every element comes out once, as a result or a dead letter, on the fused path and
+    on the two-step one (which a timeout selects)."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     data = [float(i) for i in range(n)]
@@ -486,14 +488,17 @@ def check_no_loss(
             pipeline
             | beam.Create(data)
             | RunInference(handler, model_load_backoff_secs=0.0).with_exception_handling(
-                isolate_failures=isolate
+                isolate_failures=isolate, timeout=60 if two_step else None
             )
         )
         good = results | beam.Map(lambda r: r.example)
         failed = dlq.failed_inferences | beam.FlatMap(lambda failure: failure[0])
         assert_that((good, failed) | beam.Flatten(), equal_to(data))
         if isolate:
-            assert_that(failed, equal_to([x for x in data if int(x) in bad]), label="only bad")
+            # A model that never loads fails every batch whole, so every element is dead.
+            never_loads = fail_loads > 2  # more failures than RunInference's 2 retries
+            dead = data if never_loads else [x for x in data if int(x) in bad]
+            assert_that(failed, equal_to(dead), label="only bad")
 
 
 FAILURE_PATTERNS = {
@@ -502,24 +507,25 @@ FAILURE_PATTERNS = {
     "oom_above": st.one_of(st.none(), st.integers(1, 8)),
     "fail_loads": st.sampled_from([0, 1, 2, 1_000]),  # 1,000: a loader that never recovers
     "isolate": st.booleans(),
+    "two_step": st.booleans(),
 }
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(**FAILURE_PATTERNS)
 def test_no_element_is_lost_or_duplicated(
-    n: int, bad: set[int], oom_above: int | None, fail_loads: int, isolate: bool
+    n: int, bad: set[int], oom_above: int | None, fail_loads: int, isolate: bool, two_step: bool
 ) -> None:
     """Elements that raise, batches that run out of memory, a loader that fails then
     recovers: every element comes out once, as a result or a dead letter."""
-    check_no_loss(n, bad, oom_above, fail_loads, isolate)
+    check_no_loss(n, bad, oom_above, fail_loads, isolate, two_step)
 
 
 @pytest.mark.slow
 @settings(max_examples=3, deadline=None)
 @given(**FAILURE_PATTERNS)
 def test_no_element_is_lost_or_duplicated_multi_process(
-    n: int, bad: set[int], oom_above: int | None, fail_loads: int, isolate: bool
+    n: int, bad: set[int], oom_above: int | None, fail_loads: int, isolate: bool, two_step: bool
 ) -> None:
     check_no_loss(
         n,
@@ -527,6 +533,7 @@ def test_no_element_is_lost_or_duplicated_multi_process(
         oom_above,
         fail_loads,
         isolate,
+        two_step,
         ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
     )
 
@@ -535,10 +542,142 @@ def test_two_step_path_teaches_batch_elements_the_memory_ceiling(tmp_path: Path)
     record = tmp_path / "calls"
     data = [float(i) for i in range(300)]
     handler = SizedDoubler(oom_above=5, record=str(record))
+    # A timeout selects the two-step path (BatchElements, then inference).
+    transform = RunInference(handler).with_exception_handling(timeout=60)
+    assert not transform._can_fuse()
     with beam.Pipeline() as pipeline:
-        # Exception handling selects the two-step path (BatchElements, then inference).
-        results, _ = pipeline | beam.Create(data) | RunInference(handler).with_exception_handling()
+        results, _ = pipeline | beam.Create(data) | transform
         assert_that(doubled(results), equal_to([2 * x for x in data]))
     sizes = batch_sizes(record)
     assert 1 <= len([s for s in sizes if s > 5]) <= 4, sizes
     assert sum(s for s in sizes if s <= 5) == len(data)
+
+
+class GcRecorder(SizedDoubler):
+    """Notes whether the cyclic collector is enabled while each batch runs."""
+
+    def run_inference(
+        self, batch: Sequence[float], model: Any, inference_args: Any = None
+    ) -> Iterable[base.PredictionResult]:
+        import gc
+
+        self._note(f"gc {gc.isenabled()}")
+        return super().run_inference(batch, model, inference_args)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_cyclic_collector_pauses_for_a_batch_and_comes_back_as_it_was(
+    tmp_path: Path, enabled: bool
+) -> None:
+    import gc
+
+    record = tmp_path / "calls"
+    data = [float(i) for i in range(50)]
+    if not enabled:
+        gc.disable()
+    try:
+        with beam.Pipeline() as pipeline:
+            out = doubled(
+                pipeline | beam.Create(data) | RunInference(GcRecorder(record=str(record)))
+            )
+            assert_that(out, equal_to([2 * x for x in data]))
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
+    states = {line for line in record.read_text().splitlines() if line.startswith("gc")}
+    assert states == {"gc False"}
+
+
+def test_cyclic_gc_pauses_nest_and_restore_the_state() -> None:
+    import gc
+
+    from beam_turbo._inference import cyclic_gc_paused
+
+    assert gc.isenabled()
+    with cyclic_gc_paused():
+        assert not gc.isenabled()
+        with cyclic_gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer pause still holds
+    assert gc.isenabled()
+    with pytest.raises(KeyError), cyclic_gc_paused():
+        raise KeyError("a failing batch")
+    assert gc.isenabled()
+
+
+def test_a_batch_failing_in_finish_bundle_reaches_the_dead_letter_output_whole() -> None:
+    """13 elements in batches of 8: the last 5 run when the bundle finishes, and fail there."""
+    data = [float(i) for i in range(13)]
+    with beam.Pipeline() as pipeline:
+        results, dlq = (
+            pipeline
+            | beam.Create(data, reshuffle=False)
+            | RunInference(Doubler(bad_value=12.0)).with_exception_handling()
+        )
+        assert_that(doubled(results), equal_to([2 * x for x in data[:8]]))
+        failed = dlq.failed_inferences | beam.Map(
+            lambda failure: (
+                sorted(failure[0]),
+                failure[1][0],
+                "cannot score 12.0" in failure[1][1],
+            )
+        )
+        assert_that(failed, equal_to([(data[8:], ValueError, True)]), label="dead letters")
+
+
+def test_dead_letters_keep_their_windows() -> None:
+    from apache_beam.transforms import window
+
+    data = [float(i) for i in range(20)]
+    with beam.Pipeline() as pipeline:
+        _, dlq = (
+            pipeline
+            | beam.Create(data)
+            | beam.Map(lambda x: window.TimestampedValue(x, x))
+            | beam.WindowInto(window.FixedWindows(10))
+            | RunInference(Doubler(bad_value=3.0)).with_exception_handling(isolate_failures=True)
+        )
+        in_windows = dlq.failed_inferences | beam.Map(
+            lambda failure, w=beam.DoFn.WindowParam: (failure[0], w.start)
+        )
+        assert_that(in_windows, equal_to([([3.0], 0)]))
+
+
+@pytest.mark.parametrize(("bad", "fails"), [(5, True), (1, False)])
+def test_the_threshold_fails_the_pipeline_when_too_many_elements_fail(
+    bad: int, fails: bool
+) -> None:
+    """threshold=0.25 of 16 elements, isolated: 5 failing elements fail the pipeline, 1 not."""
+
+    class FailsBelow(Doubler):
+        def run_inference(
+            self, batch: Sequence[float], model: Any, inference_args: Any = None
+        ) -> Iterable[base.PredictionResult]:
+            if any(x < bad for x in batch):
+                raise ValueError("below the line")
+            return super().run_inference(batch, model, inference_args)
+
+    transform = RunInference(FailsBelow()).with_exception_handling(
+        threshold=0.25, isolate_failures=True
+    )
+    pipeline = beam.Pipeline()
+    _ = pipeline | beam.Create([float(i) for i in range(16)]) | transform
+    if fails:
+        with pytest.raises(Exception, match="exceeded threshold: 5 / 16"):
+            pipeline.run().wait_until_finish()
+    else:
+        pipeline.run().wait_until_finish()
+
+
+def test_a_timeout_keeps_beams_per_batch_wrapper() -> None:
+    """With a timeout, batches go through Beam's timed wrapper (two steps), as in Beam."""
+    data = [float(i) for i in range(16)]
+    transform = RunInference(Doubler(bad_value=5.0)).with_exception_handling(timeout=60)
+    assert not transform._can_fuse()
+    with beam.Pipeline() as pipeline:
+        results, dlq = pipeline | beam.Create(data) | transform
+        failed = dlq.failed_inferences | beam.FlatMap(lambda failure: failure[0])
+        assert_that(
+            (doubled(results) | beam.Map(lambda x: x / 2), failed) | beam.Flatten(), equal_to(data)
+        )
+        assert_that(failed | beam.Filter(lambda x: x == 5.0), equal_to([5.0]), label="5")

@@ -84,6 +84,40 @@ def _results(examples: Sequence[Any], rows: Any, model_id: str | None) -> list[P
     return list(map(_new_tuple, repeat(PredictionResult), zip(examples, rows, repeat(model_id))))
 
 
+# --- the cyclic garbage collector ----------------------------------------------------------
+
+_gc_pause_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while one batch runs and its results are emitted.
+
+    A batch's results (framework tensors and ``PredictionResult`` tuples, which the collector
+    tracks) are all alive until the last is emitted, so collections during that time move them
+    to older generations and, every so often, set off a full collection: with TensorFlow or
+    PyTorch loaded, a full pass over about 600,000 objects, 0.3 s. Paused, they die young
+    without being traversed. Reference counting frees memory as usual; only cycles wait, for
+    one batch. Nested and concurrent pauses (threads) share one; the collector is enabled again
+    when the last ends, and only if it was enabled when the first began.
+    """
+    global _gc_pauses, _gc_was_enabled
+    with _gc_pause_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_pause_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
+
+
 # --- out-of-memory recovery ----------------------------------------------------------------
 
 _OOM_OWNED: ContextVar[bool] = ContextVar("beam_turbo_oom_owned", default=False)

@@ -19,7 +19,13 @@ machinery) and gives Beam's outputs. What it changes:
   ``model_load_retries`` times with exponential backoff from ``model_load_backoff_secs``; a
   missing or undeserializable file fails at once, naming it;
 * a batch that runs out of memory (CUDA's error or ``MemoryError``) is split and retried,
-  for every handler, users' own included.
+  for every handler, users' own included;
+* where Beam's semantics allow, batching and inference are one DoFn (``_FusedInferenceDoFn``),
+  sized from the inference time itself; under ``with_exception_handling`` it sends every
+  element of a failing batch to the dead-letter output itself, batches run when a bundle
+  finishes included (Beam's wrapper guards only ``process``);
+* the cyclic garbage collector waits while a batch runs and its results are emitted (see
+  :func:`beam_turbo._inference.cyclic_gc_paused`).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from apache_beam.ml.inference import base
 from apache_beam.transforms import window as beam_window
 
 from beam_turbo import _beam_internals as internals
-from beam_turbo._inference import is_out_of_memory, run_owning_oom
+from beam_turbo._inference import cyclic_gc_paused, is_out_of_memory, run_owning_oom
 from beam_turbo._native import BatchSizer, ModelCache
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError, ModelLoadError
@@ -47,8 +53,9 @@ __all__ = ["RunInference"]
 
 _LOG = logging.getLogger(__name__)
 
-#: The dead-letter tag of Beam's ``ParDo.with_exception_handling`` (its default).
+#: The dead-letter and main tags of Beam's ``ParDo.with_exception_handling`` (its defaults).
 _DEAD_LETTER_TAG = "bad"
+_MAIN_TAG = "good"
 
 #: Errors that retrying a load cannot fix: the file is not there, or is not a model.
 _PERMANENT_LOAD_ERRORS: tuple[type[BaseException], ...] = (
@@ -144,14 +151,20 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
         handler.load_model = retrying(handler.load_model, self._retries, self._backoff_secs)
         super().setup()
 
+    def process(self, batch: Any, inference_args: Any, si_model_metadata: Any) -> Iterator[Any]:
+        # Beam's, with the cyclic collector waiting while the batch runs and is emitted.
+        with cyclic_gc_paused():
+            yield from super().process(batch, inference_args, si_model_metadata)
+
     def _run_inference(self, batch: Any, inference_args: Any) -> Any:
         run_batch = super()._run_inference
         if self._isolate is None:
             return run_owning_oom(
                 lambda part: run_batch(part, inference_args), batch, self._ran_out_of_memory
             )
+        isolate = self._isolate
         return run_owning_oom(
-            lambda part: self._isolating(run_batch, part, inference_args),
+            lambda part: isolating(lambda p: run_batch(p, inference_args), part, isolate),
             batch,
             self._ran_out_of_memory,
         )
@@ -161,25 +174,35 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
         if self._report_memory_failure is not None:
             self._report_memory_failure(_weight(part, self._weigh))
 
-    def _isolating(
-        self, run_batch: Callable[..., Any], batch: Any, inference_args: Any
-    ) -> list[Any]:
-        """``run_batch``, halving a failing batch until each failing element is alone; those
-        go to the dead-letter output as ``([element], exception_info)``, the rest give results.
-        Out-of-memory errors pass through to the splitting around this."""
-        assert self._isolate is not None
-        try:
-            return list(run_batch(batch, inference_args))
-        except self._isolate as error:
+
+def dead_letter(batch: Sequence[Any], error: BaseException) -> beam.pvalue.TaggedOutput:
+    """The dead-letter output's entry for a failing batch, in Beam's form
+    ``(batch, (exception type, repr, formatted traceback))``."""
+    info = (type(error), repr(error), traceback.format_exception(error))
+    return beam.pvalue.TaggedOutput(_DEAD_LETTER_TAG, (list(batch), info))
+
+
+def isolating(
+    run: Callable[[Sequence[Any]], Iterable[Any]],
+    batch: Sequence[Any],
+    exc_class: type[BaseException] | tuple[type[BaseException], ...],
+) -> list[Any]:
+    """``run(batch)``, halving a failing batch until each failing element is alone; those go
+    to the dead-letter output as ``([element], exception_info)``, the rest give results.
+    A batch of several that runs out of memory raises, for the splitting around this (which
+    teaches the batch sizer); a single element that does is dead-lettered like any other.
+    """
+    try:
+        return list(run(batch))
+    except exc_class as error:
+        if len(batch) > 1:
             if is_out_of_memory(error):
                 raise
-            if len(batch) > 1:
-                middle = len(batch) // 2
-                return self._isolating(run_batch, batch[:middle], inference_args) + self._isolating(
-                    run_batch, batch[middle:], inference_args
-                )
-            info = (type(error), repr(error), traceback.format_exception(error))
-            return [beam.pvalue.TaggedOutput(_DEAD_LETTER_TAG, (list(batch), info))]
+            middle = len(batch) // 2
+            return isolating(run, batch[:middle], exc_class) + isolating(
+                run, batch[middle:], exc_class
+            )
+        return [dead_letter(batch, error)]
 
 
 #: The handler's batching arguments that the fused DoFn implements itself; any other (the
@@ -238,6 +261,8 @@ class _FusedInferenceDoFn(beam.DoFn):
         inference_args: dict[str, Any] | None,
         retries: int,
         backoff_secs: float,
+        exc_class: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        isolate_failures: bool = False,
     ) -> None:
         self._handler = handler
         self._clock = clock
@@ -250,6 +275,8 @@ class _FusedInferenceDoFn(beam.DoFn):
         self._weigh: Callable[[Any], float] | None = kwargs.get("element_size_fn")
         self._max_weight = float(kwargs.get("max_batch_weight") or "inf")
         self._sizer_args = {k: v for k, v in kwargs.items() if k in _SIZER_ARGS}
+        self._exc_class = exc_class
+        self._isolate_failures = isolate_failures
 
     def setup(self) -> None:
         handler = self._handler
@@ -260,12 +287,20 @@ class _FusedInferenceDoFn(beam.DoFn):
         )
         self._chosen_size = Metrics.distribution(namespace, "beam_turbo_batch_size")
         self._sizer = BatchSizer(**self._sizer_args)
-        self._model = ModelCache.default().acquire(
-            ("beam_turbo.RunInference", self._model_tag),
-            retrying(self._load, self._retries, self._backoff_secs),
-        )
+        self._load_with_retries = retrying(self._load, self._retries, self._backoff_secs)
+        self._model: Any = None
+        self._batch: tuple[Sequence[Any], float] = ((), 0.0)  # the batch running, its weight
         self._buffers: dict[Any, _Buffer] = {}
         self._global_buffer: _Buffer | None = None
+        if self._exc_class is None:
+            self._acquire_model()  # fail at once; with exception handling, per batch instead
+
+    def _acquire_model(self) -> Any:
+        if self._model is None:
+            self._model = ModelCache.default().acquire(
+                ("beam_turbo.RunInference", self._model_tag), self._load_with_retries
+            )
+        return self._model
 
     def _load(self) -> Any:
         memory_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -326,40 +361,73 @@ class _FusedInferenceDoFn(beam.DoFn):
     def _target(self) -> float:
         return float(self._sizer.next_size())
 
-    def _take(self, window: Any) -> list[Any]:
+    def _take(self, window: Any) -> _Buffer:
         if window is _GLOBAL:
             self._global_buffer = None
-        return self._buffers.pop(window).elements
+        buffer = self._buffers.pop(window)
+        if self._weigh is None:
+            buffer.weight = len(buffer.elements)  # not kept up on process()'s short path
+        return buffer
 
-    def _emit(self, window: Any, batch: list[Any], at_end: bool = False) -> Iterator[Any]:
-        results = run_owning_oom(self._run, batch, self._ran_out_of_memory)
-        if window is _GLOBAL:
-            if at_end:
-                end = _END_OF_GLOBAL_WINDOW
-                results = [internals.WindowedValue(r, end.timestamp, end.windows) for r in results]
-            yield from results
-            return
-        timestamp = window.max_timestamp()
-        for result in results:
-            yield internals.WindowedValue(result, timestamp, (window,))
+    def _emit(self, window: Any, buffer: _Buffer, at_end: bool = False) -> Iterator[Any]:
+        """Run one batch and give its results (and dead letters) their timestamp and windows."""
+        with cyclic_gc_paused():
+            outputs = self._outputs(buffer)
+            if window is _GLOBAL:
+                if not at_end:
+                    yield from outputs
+                    return
+                timestamp, windows = _END_OF_GLOBAL_WINDOW.timestamp, _END_OF_GLOBAL_WINDOW.windows
+            else:
+                timestamp, windows = window.max_timestamp(), (window,)
+            for output in outputs:
+                if isinstance(output, beam.pvalue.TaggedOutput):
+                    value = internals.WindowedValue(output.value, timestamp, windows)
+                    yield beam.pvalue.TaggedOutput(output.tag, value)
+                else:
+                    yield internals.WindowedValue(output, timestamp, windows)
+
+    def _outputs(self, buffer: _Buffer) -> list[Any]:
+        """The batch's results; with exception handling, dead letters for what failed."""
+        batch = buffer.elements
+        self._batch = (batch, buffer.weight)
+        exc_class = self._exc_class
+        if exc_class is None:
+            return run_owning_oom(self._run, batch, self._ran_out_of_memory)
+        try:
+            self._acquire_model()  # a model that never loads fails the batch once, whole
+            if self._isolate_failures:
+                return run_owning_oom(
+                    lambda part: isolating(self._run, part, exc_class),
+                    batch,
+                    self._ran_out_of_memory,
+                )
+            return run_owning_oom(self._run, batch, self._ran_out_of_memory)
+        except exc_class as error:
+            return [dead_letter(batch, error)]
+
+    def _part_weight(self, part: Sequence[Any]) -> float:
+        whole, weight = self._batch
+        return weight if part is whole else _weight(part, self._weigh)
 
     def _run(self, batch: Sequence[Any]) -> list[Any]:
+        model = self._acquire_model()
         start = self._clock.time_ns()
         try:
-            results = list(self._handler.run_inference(batch, self._model, self._inference_args))
+            results = list(self._handler.run_inference(batch, model, self._inference_args))
         except Exception:
             if self._metrics is not None:
                 self._metrics.failed_batches_counter.inc()
             raise
         elapsed_ns = self._clock.time_ns() - start
-        self._sizer.record(_weight(batch, self._weigh), elapsed_ns / 1e9)
+        self._sizer.record(self._part_weight(batch), elapsed_ns / 1e9)
         self._chosen_size.update(len(batch))
         if self._metrics is not None:
             self._metrics.update(len(batch), self._handler.get_num_bytes(batch), elapsed_ns // 1000)
         return results
 
     def _ran_out_of_memory(self, part: Sequence[Any]) -> None:
-        self._sizer.record_failure(_weight(part, self._weigh), memory=True)
+        self._sizer.record_failure(self._part_weight(part), memory=True)
 
 
 class _WindowedFusedInferenceDoFn(_FusedInferenceDoFn):
@@ -368,6 +436,28 @@ class _WindowedFusedInferenceDoFn(_FusedInferenceDoFn):
 
     def process(self, element: Any, window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
         return self._add(element, window)
+
+
+def _check_threshold(examples: beam.PCollection, dead: beam.PCollection, threshold: float) -> None:
+    """Beam's ``threshold`` of ``with_exception_handling``, for the fused DoFn: the pipeline
+    fails when the elements of failing batches exceed ``threshold`` of the elements in, per
+    window. (Beam's two steps count batches; the fused DoFn has no batches to count, and the
+    two agree when batches are of one size.)"""
+
+    def check(bad: int, total: int, threshold: float, window: Any = beam.DoFn.WindowParam) -> None:
+        if bad > total * threshold:
+            raise ValueError(
+                f"The number of failing elements within the window {window!r} exceeded "
+                f"threshold: {bad} / {total} = {bad / total} > {threshold}"
+            )
+
+    total = examples | "CountTotal" >> (
+        beam.Map(lambda _: 1) | beam.CombineGlobally(sum).as_singleton_view()
+    )
+    bad = dead | "CountBad" >> (
+        beam.Map(lambda entry: len(entry[0])) | beam.CombineGlobally(sum).without_defaults()
+    )
+    _ = bad | "CheckThreshold" >> beam.Map(check, total, threshold)
 
 
 class RunInference(base.RunInference):
@@ -449,6 +539,12 @@ class RunInference(base.RunInference):
         the others still give results, and each failing one reaches the dead-letter output
         alone, as ``([element], exception_info)``. No element is lost or duplicated.
 
+        ``exc_class``, ``use_subprocess``, ``threshold`` and ``timeout`` keep Beam's meaning.
+        A ``timeout`` or ``use_subprocess`` guards each batch with Beam's own wrappers (Beam's
+        two steps); otherwise batching and inference stay fused, every element of a failing
+        batch is dead-lettered as ``(batch, exception_info)``, and ``threshold`` bounds the
+        share of elements in failing batches (Beam's two steps count batches).
+
         Example:
             >>> # results, dlq = examples | RunInference(handler).with_exception_handling(
             >>> #     isolate_failures=True)
@@ -463,15 +559,20 @@ class RunInference(base.RunInference):
         """Whether batching and inference can be one DoFn with Beam's semantics intact.
 
         Not with a model side input or file watch (the model changes under the batches),
-        exception handling (Beam's wrapper dead-letters per ``process`` call, and a fused DoFn
-        buffers across calls), the model manager or cross-process models, no batching, or
-        batching options that need Beam's streaming or bucketing DoFns.
+        exception handling with a ``timeout`` or ``use_subprocess`` (Beam's wrappers time and
+        isolate each ``process`` call, and a fused DoFn buffers across calls), the model
+        manager or cross-process models, no batching, or batching options that need Beam's
+        streaming or bucketing DoFns. Plain exception handling fuses: the fused DoFn sends
+        every element of a failing batch to the dead-letter output itself.
         """
         handler = self._model_handler
+        wrapped = self._with_exception_handling and (
+            self._use_subprocess or self._timeout is not None
+        )
         return (
             self._model_metadata_pcoll is None
             and not self._watch_model_pattern
-            and not self._with_exception_handling
+            and not wrapped
             and not self._use_model_manager
             and not handler.share_model_across_processes()
             and not handler.should_skip_batching()
@@ -496,11 +597,19 @@ class RunInference(base.RunInference):
                 self._inference_args,
                 self._model_load_retries,
                 self._model_load_backoff_secs,
+                exc_class=self._exc_class if self._with_exception_handling else None,
+                isolate_failures=self._isolate_failures,
             )
-            results = pcoll | "BeamML_RunInference" >> beam.ParDo(fused).with_resource_hints(
-                **handler.get_resource_hints()
+            pardo = beam.ParDo(fused).with_resource_hints(**handler.get_resource_hints())
+            if not self._with_exception_handling:
+                return self._finish(pcoll | "BeamML_RunInference" >> pardo, None, bad_preprocessed)
+            outputs = pcoll | "BeamML_RunInference" >> pardo.with_outputs(
+                _DEAD_LETTER_TAG, main=_MAIN_TAG
             )
-            return self._finish(results, None, bad_preprocessed)
+            bad_inference = outputs[_DEAD_LETTER_TAG]
+            if self._threshold < 1:
+                _check_threshold(pcoll, bad_inference, self._threshold)
+            return self._finish(outputs[_MAIN_TAG], bad_inference, bad_preprocessed)
         if self._watch_model_pattern:
             self._model_metadata_pcoll = self._get_model_metadata_pcoll(pcoll.pipeline)
         report = None

@@ -104,6 +104,28 @@ def retrying(load: Callable[[], Any], retries: int, backoff_secs: float) -> Call
     return load_with_retries
 
 
+class _RetryingLoad:
+    """``handler``'s own ``load_model``, through :func:`retrying`; set as the handler's
+    ``load_model`` so that every way Beam loads the model goes through the retries.
+
+    A module-level class rather than a closure, so that the handler still pickles: Beam's
+    model manager sends ``handler.load_model`` to a spawned process. It calls the class's
+    ``load_model``, not the attribute it replaces, so it never calls itself, pickled or not.
+    """
+
+    def __init__(self, handler: base.ModelHandler, retries: int, backoff_secs: float) -> None:
+        self._handler = handler
+        self._retries = retries
+        self._backoff_secs = backoff_secs
+
+    def __call__(self) -> Any:
+        handler = self._handler
+        load = retrying(
+            lambda: type(handler).load_model(handler), self._retries, self._backoff_secs
+        )
+        return load()
+
+
 def _weight(part: Sequence[Any], weigh: Callable[[Any], float] | None) -> float:
     """A batch's size in its sizer's units: elements, or total weight with ``element_size_fn``."""
     if weigh is None:
@@ -148,7 +170,7 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
         handler = self._model_handler
         # An instance attribute, set after unpickling, so every way Beam loads the model
         # (the cache, multi_process_shared, the model manager) goes through the retries.
-        handler.load_model = retrying(handler.load_model, self._retries, self._backoff_secs)
+        handler.load_model = _RetryingLoad(handler, self._retries, self._backoff_secs)
         super().setup()
 
     def process(self, batch: Any, inference_args: Any, si_model_metadata: Any) -> Iterator[Any]:

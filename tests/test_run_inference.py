@@ -681,3 +681,34 @@ def test_a_timeout_keeps_beams_per_batch_wrapper() -> None:
             (doubled(results) | beam.Map(lambda x: x / 2), failed) | beam.Flatten(), equal_to(data)
         )
         assert_that(failed | beam.Filter(lambda x: x == 5.0), equal_to([5.0]), label="5")
+
+
+def test_a_failing_pipeline_leaves_the_cyclic_collector_enabled() -> None:
+    """A batch that fails without exception handling fails the pipeline; the pause that the
+    batch being gathered held is given back all the same."""
+    import gc
+
+    with pytest.raises(Exception, match=r"cannot score 3\.0"), beam.Pipeline() as pipeline:
+        _ = (
+            pipeline
+            | beam.Create([float(i) for i in range(20)])
+            | RunInference(Doubler(bad_value=3.0))
+        )
+    assert gc.isenabled()
+
+
+def test_a_gc_hold_is_taken_and_given_back_once() -> None:
+    import gc
+
+    from beam_turbo._inference import GcHold, resume_cyclic_gc
+
+    hold = GcHold()
+    hold.take()
+    hold.take()  # already held: no second pause
+    assert not gc.isenabled()
+    hold.give_back()
+    assert gc.isenabled()
+    hold.give_back()  # not held: nothing to give back
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="without a pause"):
+        resume_cyclic_gc()

@@ -91,6 +91,31 @@ _gc_pauses = 0
 _gc_was_enabled = False
 
 
+def pause_cyclic_gc() -> None:
+    """Hold off the cyclic garbage collector until the matching :func:`resume_cyclic_gc`.
+
+    Pauses nest and may overlap across threads: the collector is enabled again when the last
+    one ends, and only if it was enabled when the first began.
+    """
+    global _gc_pauses, _gc_was_enabled
+    with _gc_pause_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+
+
+def resume_cyclic_gc() -> None:
+    """End one :func:`pause_cyclic_gc`."""
+    global _gc_pauses
+    with _gc_pause_lock:
+        if _gc_pauses == 0:
+            raise RuntimeError("resume_cyclic_gc() without a pause_cyclic_gc()")
+        _gc_pauses -= 1
+        if _gc_pauses == 0 and _gc_was_enabled:
+            gc.enable()
+
+
 @contextlib.contextmanager
 def cyclic_gc_paused() -> Iterator[None]:
     """Hold off the cyclic garbage collector while one batch runs and its results are emitted.
@@ -100,22 +125,34 @@ def cyclic_gc_paused() -> Iterator[None]:
     to older generations and, every so often, set off a full collection: with TensorFlow or
     PyTorch loaded, a full pass over about 600,000 objects, 0.3 s. Paused, they die young
     without being traversed. Reference counting frees memory as usual; only cycles wait, for
-    one batch. Nested and concurrent pauses (threads) share one; the collector is enabled again
-    when the last ends, and only if it was enabled when the first began.
+    one batch.
     """
-    global _gc_pauses, _gc_was_enabled
-    with _gc_pause_lock:
-        if _gc_pauses == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pauses += 1
+    pause_cyclic_gc()
     try:
         yield
     finally:
-        with _gc_pause_lock:
-            _gc_pauses -= 1
-            if _gc_pauses == 0 and _gc_was_enabled:
-                gc.enable()
+        resume_cyclic_gc()
+
+
+class GcHold:
+    """One owner's pause of the cyclic collector, taken and given back at most once each
+    time: a batch being gathered holds one, so that its elements (torch tensors are tracked)
+    are not moved to the old generation while they wait."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def take(self) -> None:
+        if not self.held:
+            self.held = True
+            pause_cyclic_gc()
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            resume_cyclic_gc()
 
 
 # --- out-of-memory recovery ----------------------------------------------------------------

@@ -35,6 +35,7 @@ import pickle
 import resource
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ from apache_beam.ml.inference import base
 from apache_beam.transforms import window as beam_window
 
 from beam_turbo import _beam_internals as internals
-from beam_turbo._inference import cyclic_gc_paused, is_out_of_memory, run_owning_oom
+from beam_turbo._inference import GcHold, cyclic_gc_paused, is_out_of_memory, run_owning_oom
 from beam_turbo._native import BatchSizer, ModelCache
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError, ModelLoadError
@@ -314,6 +315,10 @@ class _FusedInferenceDoFn(beam.DoFn):
         self._batch: tuple[Sequence[Any], float] = ((), 0.0)  # the batch running, its weight
         self._buffers: dict[Any, _Buffer] = {}
         self._global_buffer: _Buffer | None = None
+        # Held while the global window's batch is gathered; given back when it has run, when
+        # a bundle ends or starts, at teardown, and (a failed bundle) when this DoFn is freed.
+        self._gc_hold = GcHold()
+        weakref.finalize(self, self._gc_hold.give_back)
         if self._exc_class is None:
             self._acquire_model()  # fail at once; with exception handling, per batch instead
 
@@ -335,6 +340,7 @@ class _FusedInferenceDoFn(beam.DoFn):
         return model
 
     def start_bundle(self) -> None:
+        self._gc_hold.give_back()  # a bundle that failed while gathering
         self._buffers = {}
         # The global window's buffer, also in _buffers; a window's hash is a Python call.
         self._global_buffer = None
@@ -348,6 +354,7 @@ class _FusedInferenceDoFn(beam.DoFn):
         buffer = self._global_buffer
         if buffer is None:
             buffer = self._global_buffer = self._buffers[_GLOBAL] = _Buffer(self._target())
+            self._gc_hold.take()
         elements = buffer.elements
         elements.append(element)
         if len(elements) >= buffer.target or len(elements) >= self._max_weight:
@@ -377,8 +384,12 @@ class _FusedInferenceDoFn(beam.DoFn):
     def finish_bundle(self) -> Iterator[Any]:
         for window in list(self._buffers):
             yield from self._emit(window, self._take(window), at_end=True)
+        self._gc_hold.give_back()
         if self._metrics is not None:
             self._metrics.update_metrics_with_cache()
+
+    def teardown(self) -> None:
+        self._gc_hold.give_back()
 
     def _target(self) -> float:
         return float(self._sizer.next_size())
@@ -394,7 +405,11 @@ class _FusedInferenceDoFn(beam.DoFn):
     def _emit(self, window: Any, buffer: _Buffer, at_end: bool = False) -> Iterator[Any]:
         """Run one batch and give its results (and dead letters) their timestamp and windows."""
         with cyclic_gc_paused():
-            outputs = self._outputs(buffer)
+            try:
+                outputs = self._outputs(buffer)
+            finally:
+                if window is _GLOBAL:
+                    self._gc_hold.give_back()  # the batch is gathered; the pause above holds
             if window is _GLOBAL:
                 if not at_end:
                     yield from outputs

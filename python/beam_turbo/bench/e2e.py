@@ -4,7 +4,7 @@ Elements are generated inside the pipeline (``beam.Create`` of a large list woul
 encoding). Throughput is the slope between a small and a large run, so start-up cancels out;
 each figure is the median of several rounds. The ideal time per element is the floor's (the
 same pipeline with an identity ``Map`` for RunInference) plus the bare model's on pre-stacked
-batches of 1,024.
+batches of 1,024 (the model call alone: no stacking, no splitting into rows, no results).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class Framework:
     make_element: Callable[[np.ndarray[Any, Any]], Any]
     stock: base.ModelHandler
     turbo: base.ModelHandler
-    bare: Callable[[list[Any]], object]
+    bare: Callable[[Any], object]  # the model alone, on a batch stacked by ``stacked``
+    stacked: Callable[[list[Any]], Any]
     exact: bool
     features: int = 16  # each element is float32[features]
 
@@ -72,7 +73,8 @@ def make_framework(name: str, folder: str, *, tree: bool = False) -> Framework:
             lambda row: row,
             SklearnModelHandlerNumpy(path),
             turbo_sklearn.SklearnModelHandlerNumpy(path),
-            lambda batch: model.predict(np.stack(batch)),
+            model.predict,
+            np.stack,
             exact=tree,
         )
     if name in ("torch", "torch-mlp"):
@@ -96,9 +98,9 @@ def make_framework(name: str, folder: str, *, tree: bool = False) -> Framework:
             "model_params": params,
         }
 
-        def bare_torch(batch: list[Any]) -> object:
+        def bare_torch(batch: torch.Tensor) -> object:
             with torch.no_grad():
-                return net(torch.stack(batch)).unbind(0)
+                return net(batch)
 
         return Framework(
             name,
@@ -106,6 +108,7 @@ def make_framework(name: str, folder: str, *, tree: bool = False) -> Framework:
             PytorchModelHandlerTensor(**spec),
             turbo_pytorch.PytorchModelHandlerTensor(**spec),
             bare_torch,
+            torch.stack,
             exact=False,
             features=features,
         )
@@ -124,7 +127,8 @@ def make_framework(name: str, folder: str, *, tree: bool = False) -> Framework:
             lambda row: row,
             TFModelHandlerNumpy(path),
             turbo_tf.TFModelHandlerNumpy(path),
-            lambda batch: tf.unstack(keras_model(np.stack(batch))),
+            keras_model,
+            lambda batch: tf.convert_to_tensor(np.stack(batch)),
             exact=False,
         )
     raise ValueError(
@@ -245,16 +249,31 @@ def per_element_secs(
 
 
 def bare_per_element_secs(framework: Framework) -> float:
+    """The bare model's time per element on a pre-stacked batch of 1,024 (the best of 5
+    timings of 20 calls), without the cyclic collector, as the ideal asks."""
+    import gc
+
     rng = np.random.default_rng(5)
-    batch = [
-        framework.make_element(rng.random(framework.features, dtype=np.float32))
-        for _ in range(1024)
-    ]
+    batch = framework.stacked(
+        [
+            framework.make_element(rng.random(framework.features, dtype=np.float32))
+            for _ in range(1024)
+        ]
+    )
     framework.bare(batch)
-    start = time.perf_counter()
-    for _ in range(20):
-        framework.bare(batch)
-    return (time.perf_counter() - start) / (20 * 1024)
+    timings = []
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(20):
+                framework.bare(batch)
+            timings.append((time.perf_counter() - start) / (20 * 1024))
+    finally:
+        if was_enabled:
+            gc.enable()
+    return min(timings)
 
 
 GOALS = {

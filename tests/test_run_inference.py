@@ -214,6 +214,34 @@ def test_metrics_have_beams_names(model_path: str) -> None:
     assert counters[0].key.metric.namespace == "BeamML_Sklearn"
 
 
+@pytest.mark.parametrize("two_step", [False, True])
+def test_beam_turbos_metrics_stack_time_and_cache_hits(model_path: str, two_step: bool) -> None:
+    """The stacking time per batch, and a second pipeline's model answered by the cache."""
+
+    def run() -> Any:
+        pipeline = beam.Pipeline()
+        transform = RunInference(
+            SklearnModelHandlerNumpy(model_path), model_identifier=f"metrics-{two_step}"
+        )
+        if two_step:
+            transform = transform.with_exception_handling(timeout=60)
+        _ = pipeline | beam.Create(inputs(30)) | transform
+        result = pipeline.run()
+        result.wait_until_finish()
+        return result.metrics()
+
+    def query(metrics: Any, name: str, kind: str) -> list[Any]:
+        return list(metrics.query(MetricsFilter().with_name(name))[kind])
+
+    first = run()
+    stacking = query(first, "beam_turbo_stack_micro_secs", "distributions")
+    assert sum(d.committed.count for d in stacking) >= 1
+    assert stacking[0].key.metric.namespace == "BeamML_Sklearn"
+    assert sum(c.committed for c in query(first, "beam_turbo_model_cache_hits", "counters")) == 0
+    second = run()  # the same model identifier: the model is in this process's cache
+    assert sum(c.committed for c in query(second, "beam_turbo_model_cache_hits", "counters")) >= 1
+
+
 def test_models_come_from_the_model_cache(model_path: str) -> None:
     before = beam_turbo.ModelCache.default().stats()
     with beam.Pipeline() as pipeline:

@@ -45,7 +45,13 @@ from apache_beam.ml.inference import base
 from apache_beam.transforms import window as beam_window
 
 from beam_turbo import _beam_internals as internals
-from beam_turbo._inference import GcHold, cyclic_gc_paused, is_out_of_memory, run_owning_oom
+from beam_turbo._inference import (
+    GcHold,
+    cyclic_gc_paused,
+    is_out_of_memory,
+    run_owning_oom,
+    take_stack_time_ns,
+)
 from beam_turbo._native import BatchSizer, ModelCache
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError, ModelLoadError
@@ -135,14 +141,42 @@ def _weight(part: Sequence[Any], weigh: Callable[[Any], float] | None) -> float:
 
 
 class _CachedModels:
-    """Stands where Beam's DoFn keeps its ``Shared`` handle: ``acquire(load, tag)`` answered
-    from the process's :class:`ModelCache`, keyed by the transform's model tag."""
+    """Models from the process's :class:`ModelCache`, keyed by the transform's model tag; it
+    also stands where Beam's DoFn keeps its ``Shared`` handle (``acquire(load, tag)``).
 
-    def __init__(self, key: str) -> None:
+    Answers that needed no load are counted, and reported by :meth:`report_hits` as the
+    ``beam_turbo_model_cache_hits`` metric (from a bundle: metrics set in ``setup`` are lost).
+    """
+
+    def __init__(self, key: str, namespace: str) -> None:
         self._key = ("beam_turbo.RunInference", key)
+        self._namespace = namespace
+        self._hits = 0
 
     def acquire(self, load: Callable[[], Any], tag: Any = None) -> Any:
-        return ModelCache.default().acquire(self._key, load, tag)
+        loaded = False
+
+        def counted_load() -> Any:
+            nonlocal loaded
+            loaded = True
+            return load()
+
+        model = ModelCache.default().acquire(self._key, counted_load, tag)
+        if not loaded:
+            self._hits += 1
+        return model
+
+    def report_hits(self) -> None:
+        if self._hits:
+            Metrics.counter(self._namespace, "beam_turbo_model_cache_hits").inc(self._hits)
+            self._hits = 0
+
+
+def _report_stack_time(distribution: Any) -> None:
+    """The time this thread's handler spent stacking the batch, as a metric."""
+    spent_ns = take_stack_time_ns()
+    if spent_ns:
+        distribution.update(spent_ns // 1000)
 
 
 class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
@@ -158,7 +192,8 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._shared_model_handle = _CachedModels(self._model_tag)
+        self._namespace = self._metrics_namespace or self._model_handler.get_metrics_namespace()
+        self._shared_model_handle = _CachedModels(self._model_tag, self._namespace)
         self._retries = retries
         self._backoff_secs = backoff_secs
         self._isolate = isolate
@@ -172,7 +207,12 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
         # An instance attribute, set after unpickling, so every way Beam loads the model
         # (the cache, multi_process_shared, the model manager) goes through the retries.
         handler.load_model = _RetryingLoad(handler, self._retries, self._backoff_secs)
+        self._stack_time = Metrics.distribution(self._namespace, "beam_turbo_stack_micro_secs")
         super().setup()
+
+    def finish_bundle(self) -> None:
+        self._shared_model_handle.report_hits()
+        super().finish_bundle()
 
     def process(self, batch: Any, inference_args: Any, si_model_metadata: Any) -> Iterator[Any]:
         # Beam's, with the cyclic collector waiting while the batch runs and is emitted.
@@ -181,16 +221,19 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
 
     def _run_inference(self, batch: Any, inference_args: Any) -> Any:
         run_batch = super()._run_inference
-        if self._isolate is None:
-            return run_owning_oom(
-                lambda part: run_batch(part, inference_args), batch, self._ran_out_of_memory
-            )
         isolate = self._isolate
-        return run_owning_oom(
-            lambda part: isolating(lambda p: run_batch(p, inference_args), part, isolate),
-            batch,
-            self._ran_out_of_memory,
-        )
+        try:
+            if isolate is None:
+                return run_owning_oom(
+                    lambda part: run_batch(part, inference_args), batch, self._ran_out_of_memory
+                )
+            return run_owning_oom(
+                lambda part: isolating(lambda p: run_batch(p, inference_args), part, isolate),
+                batch,
+                self._ran_out_of_memory,
+            )
+        finally:
+            _report_stack_time(self._stack_time)
 
     def _ran_out_of_memory(self, part: Sequence[Any]) -> None:
         """Tell the BatchElements upstream, whose sizer then backs off below this size."""
@@ -309,8 +352,10 @@ class _FusedInferenceDoFn(beam.DoFn):
             None if handler.override_metrics(namespace) else internals.MetricsCollector(namespace)
         )
         self._chosen_size = Metrics.distribution(namespace, "beam_turbo_batch_size")
+        self._stack_time = Metrics.distribution(namespace, "beam_turbo_stack_micro_secs")
         self._sizer = BatchSizer(**self._sizer_args)
         self._load_with_retries = retrying(self._load, self._retries, self._backoff_secs)
+        self._models = _CachedModels(self._model_tag, namespace)
         self._model: Any = None
         self._batch: tuple[Sequence[Any], float] = ((), 0.0)  # the batch running, its weight
         self._buffers: dict[Any, _Buffer] = {}
@@ -324,9 +369,7 @@ class _FusedInferenceDoFn(beam.DoFn):
 
     def _acquire_model(self) -> Any:
         if self._model is None:
-            self._model = ModelCache.default().acquire(
-                ("beam_turbo.RunInference", self._model_tag), self._load_with_retries
-            )
+            self._model = self._models.acquire(self._load_with_retries)
         return self._model
 
     def _load(self) -> Any:
@@ -385,6 +428,7 @@ class _FusedInferenceDoFn(beam.DoFn):
         for window in list(self._buffers):
             yield from self._emit(window, self._take(window), at_end=True)
         self._gc_hold.give_back()
+        self._models.report_hits()
         if self._metrics is not None:
             self._metrics.update_metrics_with_cache()
 
@@ -456,6 +500,8 @@ class _FusedInferenceDoFn(beam.DoFn):
             if self._metrics is not None:
                 self._metrics.failed_batches_counter.inc()
             raise
+        finally:
+            _report_stack_time(self._stack_time)
         elapsed_ns = self._clock.time_ns() - start
         self._sizer.record(self._part_weight(batch), elapsed_ns / 1e9)
         self._chosen_size.update(len(batch))

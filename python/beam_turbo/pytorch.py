@@ -41,6 +41,7 @@ from beam_turbo._inference import (
     loading_model,
     prediction_results,
     run_splitting_on_oom,
+    timed_stack,
 )
 from beam_turbo._stacking import stack
 from beam_turbo.errors import InvalidInputError, ModelLoadError
@@ -139,12 +140,12 @@ class _Staging:
             )
         if first.device.type != "cpu":
             # Already on an accelerator: stack there, as Beam does.
-            on_device: torch.Tensor = torch.stack(list(batch)).to(device)
+            on_device: torch.Tensor = timed_stack(torch.stack, list(batch)).to(device)
             return on_device
         if device.type != "cuda":
             # The one copy: straight into the tensor the model reads.
             out = torch.empty((len(batch), *first.shape), dtype=first.dtype)
-            stacked: torch.Tensor = stack(batch, out=out)
+            stacked: torch.Tensor = timed_stack(stack, batch, out=out)
             return stacked
         slots = getattr(self._local, "slots", None)
         if slots is None:
@@ -161,7 +162,7 @@ class _Staging:
         ):
             buffer = torch.empty((len(batch), *first.shape), dtype=first.dtype, pin_memory=True)
         staged = buffer[: len(batch)]
-        stack(batch, out=staged)
+        timed_stack(stack, batch, out=staged)
         on_device = staged.to(device, non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(torch.cuda.current_stream(device))

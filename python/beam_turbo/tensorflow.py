@@ -27,7 +27,12 @@ from apache_beam.ml.inference import tensorflow_inference as beam_tf
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.tensorflow_inference import ModelType
 
-from beam_turbo._inference import loading_model, prediction_results, run_splitting_on_oom
+from beam_turbo._inference import (
+    loading_model,
+    prediction_results,
+    run_splitting_on_oom,
+    timed_stack,
+)
 from beam_turbo._stacking import stack
 
 __all__ = ["ModelType", "TFModelHandlerNumpy", "TFModelHandlerTensor"]
@@ -64,7 +69,7 @@ class _TFRunner:
             with _on_device():
                 if self._inference_fn is not self._beam_default:
                     return list(self._inference_fn(model, part, args, self._model_uri))
-                predictions = model(self._stack(part), **args)
+                predictions = model(timed_stack(self._stack, part), **args)
             return prediction_results(part, predictions, self._model_uri)
 
         return run_splitting_on_oom(run, batch)

@@ -368,7 +368,7 @@ def test_every_element_once_within_limits_never_mixed(
 ) -> None:
     low, high = bounds
     items = [(i, (i * 7 + seed) % windows) for i in range(len(weights))]
-    weight_of: Callable[[int], int] = (lambda i: weights[i]) if weighted else batching._unit_weight
+    weight_of: Callable[[int], int] = (lambda i: weights[i]) if weighted else batching.unit_weight
     clock = FakeClock()
     transform = BatchElements(
         min_batch_size=low,

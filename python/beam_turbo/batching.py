@@ -48,7 +48,7 @@ from beam_turbo import _beam_internals as internals
 from beam_turbo._native import BatchSizer
 from beam_turbo.errors import InvalidInputError
 
-__all__ = ["BatchElements", "MemoryFailureReporter"]
+__all__ = ["BatchElements", "MemoryFailureReporter", "SizedBatch", "WindowBatches"]
 
 
 #: What ``process`` returns for an element that completes no batch: nothing to emit. (Named,
@@ -56,7 +56,7 @@ __all__ = ["BatchElements", "MemoryFailureReporter"]
 _NO_OUTPUT = None
 
 
-def _unit_weight(element: Any) -> int:
+def unit_weight(element: Any) -> int:
     """Every element weighs 1 (Beam's default ``element_size_fn``)."""
     return 1
 
@@ -249,16 +249,69 @@ class _UnitBatchingDoFn(_BatchingDoFn):
             yield from self._emit(batch, len(batch))
 
 
-class _SizedBatch:
-    __slots__ = ("elements", "weight")
+class SizedBatch:
+    """The elements of one batch being gathered, their total weight, and the weight at which
+    the batch is full (chosen when it starts)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("elements", "target", "weight")
+
+    def __init__(self, target: float) -> None:
         self.elements: list[Any] = []
-        self.weight: float = 0
+        self.weight: float = 0.0
+        self.target = target
+
+
+class WindowBatches:
+    """The batches being gathered, one per window, by the policy that ``BatchElements`` and
+    ``RunInference``'s fused DoFn share: a batch is full at its target weight; an element that
+    does not fit sends the batch so far out first (so one heavier than the target goes out
+    alone, never after an empty batch); at most ``MAX_LIVE_WINDOWS`` batches are held, then
+    the fullest goes out.
+
+    ``next_target()`` gives each new batch its target; it is asked only after the batches
+    given out before have been emitted, so that it can learn from them.
+    """
+
+    __slots__ = ("_next_target", "_weigh", "batches")
+
+    def __init__(self, weigh: Callable[[Any], float], next_target: Callable[[], float]) -> None:
+        self._weigh = weigh
+        self._next_target = next_target
+        self.batches: dict[Any, SizedBatch] = {}
+
+    def start(self, window: Any) -> SizedBatch:
+        """A new, empty batch for ``window``."""
+        batch = self.batches[window] = SizedBatch(self._next_target())
+        return batch
+
+    def add(self, element: Any, window: Any) -> Iterator[tuple[Any, SizedBatch]]:
+        """Add ``element`` to its window's batch, giving out each batch that is full (or the
+        fullest, past the window limit) as ``(window, batch)``: emit it before going on."""
+        weight = self._weigh(element)
+        batch = self.batches.get(window)
+        if batch is not None and batch.elements and batch.weight + weight > batch.target:
+            del self.batches[window]
+            yield window, batch
+            batch = None
+        if batch is None:
+            batch = self.start(window)
+        batch.elements.append(element)
+        batch.weight += weight
+        if batch.weight >= batch.target:
+            del self.batches[window]
+            yield window, batch
+        elif len(self.batches) > internals.MAX_LIVE_WINDOWS:
+            fullest = max(self.batches, key=lambda w: self.batches[w].weight)
+            yield fullest, self.batches.pop(fullest)
+
+    def drain(self) -> Iterator[tuple[Any, SizedBatch]]:
+        """Every batch still gathering (at the end of a bundle)."""
+        batches, self.batches = self.batches, {}
+        yield from batches.items()
 
 
 class _WindowAwareBatchingDoFn(beam.DoFn):
-    """Batches per window; at most ``MAX_LIVE_WINDOWS`` are held, then the fullest goes out."""
+    """Batches per window (:class:`WindowBatches`)."""
 
     def __init__(
         self,
@@ -274,47 +327,31 @@ class _WindowAwareBatchingDoFn(beam.DoFn):
         self._max_weight = float("inf") if max_batch_weight is None else max_batch_weight
         self._timing = timing
         self._untimed = True
-        self._batches: dict[Any, _SizedBatch] = {}
-        self._target: float = 1
 
     def setup(self) -> None:
         self._timing.setup()
         self._sizer = _shared_sizer(self._key, self._sizer)
         self._untimed = True
 
-    def start_bundle(self) -> None:
-        self._batches = {}
-        self._target = min(self._sizer.next_size(), self._max_weight)
+    def _next_target(self) -> float:
+        return min(self._sizer.next_size(), self._max_weight)
 
-    def _emit(self, win: Any, batch: _SizedBatch) -> Iterator[Any]:
+    def start_bundle(self) -> None:
+        self._windows = WindowBatches(self._weigh, self._next_target)
+
+    def _emit(self, win: Any, batch: SizedBatch) -> Iterator[Any]:
         start = self._timing.now()
         yield internals.WindowedValue(batch.elements, win.max_timestamp(), (win,))
         failed = _tell_sizer(self._sizer, self._key)
         self._timing.done(None if self._untimed or failed else self._sizer, batch.weight, start)
         self._untimed = False
-        self._target = min(self._sizer.next_size(), self._max_weight)
 
     def process(self, element: Any, win: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
-        weight = self._weigh(element)
-        batch = self._batches.get(win)
-        if batch is not None and batch.elements and batch.weight + weight > self._target:
-            del self._batches[win]
-            yield from self._emit(win, batch)
-            batch = None
-        if batch is None:
-            batch = self._batches[win] = _SizedBatch()
-        batch.elements.append(element)
-        batch.weight += weight
-        if batch.weight >= self._target:
-            del self._batches[win]
-            yield from self._emit(win, batch)
-        if len(self._batches) > internals.MAX_LIVE_WINDOWS:
-            fullest = max(self._batches, key=lambda w: self._batches[w].weight)
-            yield from self._emit(fullest, self._batches.pop(fullest))
+        for full_window, batch in self._windows.add(element, win):
+            yield from self._emit(full_window, batch)
 
     def finish_bundle(self) -> Iterator[Any]:
-        batches, self._batches = self._batches, {}
-        for win, batch in batches.items():
+        for win, batch in self._windows.drain():
             yield from self._emit(win, batch)
 
 
@@ -510,7 +547,7 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
         target_batch_duration_secs_including_fixed_cost: float | None = None,
         max_batch_duration_secs: float | None = None,
         *,
-        element_size_fn: Callable[[Any], float] = _unit_weight,
+        element_size_fn: Callable[[Any], float] = unit_weight,
         variance: float = 0.25,
         clock: Callable[[], Any] = time.time,
         record_metrics: bool = True,
@@ -595,7 +632,7 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
         args = (self._sizer, self._sizer_key, self._element_size_fn, self._max_batch_weight, timing)
         if not pcoll.windowing.is_default():
             batches = pcoll | _pardo(_WindowAwareBatchingDoFn(*args))
-        elif self._element_size_fn is _unit_weight:
+        elif self._element_size_fn is unit_weight:
             batches = pcoll | _pardo(_UnitBatchingDoFn(*args))
         else:
             batches = pcoll | _pardo(_BatchingDoFn(*args))

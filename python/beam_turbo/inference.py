@@ -53,7 +53,7 @@ from beam_turbo._inference import (
     take_stack_time_ns,
 )
 from beam_turbo._native import BatchSizer, ModelCache
-from beam_turbo.batching import BatchElements
+from beam_turbo.batching import BatchElements, SizedBatch, WindowBatches, unit_weight
 from beam_turbo.errors import InvalidInputError, InvalidTypeError, ModelLoadError
 
 __all__ = ["RunInference"]
@@ -296,21 +296,11 @@ _NOTHING: tuple[()] = ()
 _END_OF_GLOBAL_WINDOW = internals.at_end_of_global_window(None)
 
 
-class _Buffer:
-    """The elements of one window waiting for their batch, and their total weight."""
-
-    __slots__ = ("elements", "target", "weight")
-
-    def __init__(self, target: float) -> None:
-        self.elements: list[Any] = []
-        self.weight = 0.0
-        self.target = target
-
-
 class _FusedInferenceDoFn(beam.DoFn):
-    """Batching and inference in one DoFn: elements are buffered per window until the batch
-    sizer's target, then run through the handler at once; what is left is run at the end of
-    the bundle. Batch sizes are learned from the inference time itself, and a batch that runs
+    """Batching and inference in one DoFn: elements are gathered per window until the batch
+    sizer's target (by :class:`~beam_turbo.batching.WindowBatches`, the policy
+    ``BatchElements`` batches by), then run through the handler at once; what is left is run
+    at the end of the bundle. Batch sizes are learned from the inference time itself, and a batch that runs
     out of memory is split and teaches the sizer its ceiling.
 
     Results carry the timestamps and windows Beam's two steps give them: in the global
@@ -358,8 +348,6 @@ class _FusedInferenceDoFn(beam.DoFn):
         self._models = _CachedModels(self._model_tag, namespace)
         self._model: Any = None
         self._batch: tuple[Sequence[Any], float] = ((), 0.0)  # the batch running, its weight
-        self._buffers: dict[Any, _Buffer] = {}
-        self._global_buffer: _Buffer | None = None
         # Held while the global window's batch is gathered; given back when it has run, when
         # a bundle ends or starts, at teardown, and (a failed bundle) when this DoFn is freed.
         self._gc_hold = GcHold()
@@ -384,9 +372,9 @@ class _FusedInferenceDoFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._gc_hold.give_back()  # a bundle that failed while gathering
-        self._buffers = {}
-        # The global window's buffer, also in _buffers; a window's hash is a Python call.
-        self._global_buffer = None
+        self._windows = WindowBatches(self._weigh or unit_weight, self._next_target)
+        # The global window's batch, also in _windows; a window's hash is a Python call.
+        self._global_batch: SizedBatch | None = None
 
     def process(self, element: Any) -> Iterable[Any]:
         # No window parameter: Beam invokes such a DoFn on its fast path (global window only;
@@ -394,39 +382,26 @@ class _FusedInferenceDoFn(beam.DoFn):
         # no generator unless a batch is due.
         if self._weigh is not None:
             return self._add(element, _GLOBAL)
-        buffer = self._global_buffer
-        if buffer is None:
-            buffer = self._global_buffer = self._buffers[_GLOBAL] = _Buffer(self._target())
+        batch = self._global_batch
+        if batch is None:
+            batch = self._global_batch = self._windows.start(_GLOBAL)
             self._gc_hold.take()
-        elements = buffer.elements
+        elements = batch.elements
         elements.append(element)
-        if len(elements) >= buffer.target or len(elements) >= self._max_weight:
-            return self._emit(_GLOBAL, self._take(_GLOBAL))
+        if len(elements) >= batch.target:
+            del self._windows.batches[_GLOBAL]
+            self._global_batch = None
+            return self._emit(_GLOBAL, batch)
         return _NOTHING
 
     def _add(self, element: Any, window: Any) -> Iterator[Any]:
-        buffer = self._buffers.get(window)
-        if buffer is None:
-            buffer = self._buffers[window] = _Buffer(self._target())
-        weight = 1.0 if self._weigh is None else float(self._weigh(element))
-        limit = min(self._max_weight, buffer.target)
-        if buffer.elements and buffer.weight + weight > limit:
-            # The element does not fit: the batch so far goes first (an element heavier
-            # than the target then goes out alone, never leaving an empty batch behind).
-            yield from self._emit(window, self._take(window))
-            buffer = self._buffers[window] = _Buffer(self._target())
-            limit = min(self._max_weight, buffer.target)
-        buffer.elements.append(element)
-        buffer.weight += weight
-        if buffer.weight >= limit:
-            yield from self._emit(window, self._take(window))
-        elif len(self._buffers) > internals.MAX_LIVE_WINDOWS:
-            fullest = max(self._buffers, key=lambda w: self._buffers[w].weight)
-            yield from self._emit(fullest, self._take(fullest), at_end=True)
+        for full_window, batch in self._windows.add(element, window):
+            yield from self._emit(full_window, batch)
 
     def finish_bundle(self) -> Iterator[Any]:
-        for window in list(self._buffers):
-            yield from self._emit(window, self._take(window), at_end=True)
+        self._global_batch = None
+        for window, batch in self._windows.drain():
+            yield from self._emit(window, batch, at_end=True)
         self._gc_hold.give_back()
         self._models.report_hits()
         if self._metrics is not None:
@@ -435,22 +410,16 @@ class _FusedInferenceDoFn(beam.DoFn):
     def teardown(self) -> None:
         self._gc_hold.give_back()
 
-    def _target(self) -> float:
-        return float(self._sizer.next_size())
+    def _next_target(self) -> float:
+        return min(float(self._sizer.next_size()), self._max_weight)
 
-    def _take(self, window: Any) -> _Buffer:
-        if window is _GLOBAL:
-            self._global_buffer = None
-        buffer = self._buffers.pop(window)
-        if self._weigh is None:
-            buffer.weight = len(buffer.elements)  # not kept up on process()'s short path
-        return buffer
-
-    def _emit(self, window: Any, buffer: _Buffer, at_end: bool = False) -> Iterator[Any]:
+    def _emit(self, window: Any, batch: SizedBatch, at_end: bool = False) -> Iterator[Any]:
         """Run one batch and give its results (and dead letters) their timestamp and windows."""
+        if self._weigh is None:
+            batch.weight = len(batch.elements)  # not kept up on process()'s short path
         with cyclic_gc_paused():
             try:
-                outputs = self._outputs(buffer)
+                outputs = self._outputs(batch)
             finally:
                 if window is _GLOBAL:
                     self._gc_hold.give_back()  # the batch is gathered; the pause above holds
@@ -468,10 +437,10 @@ class _FusedInferenceDoFn(beam.DoFn):
                 else:
                     yield internals.WindowedValue(output, timestamp, windows)
 
-    def _outputs(self, buffer: _Buffer) -> list[Any]:
+    def _outputs(self, gathered: SizedBatch) -> list[Any]:
         """The batch's results; with exception handling, dead letters for what failed."""
-        batch = buffer.elements
-        self._batch = (batch, buffer.weight)
+        batch = gathered.elements
+        self._batch = (batch, gathered.weight)
         exc_class = self._exc_class
         if exc_class is None:
             return run_owning_oom(self._run, batch, self._ran_out_of_memory)
@@ -514,7 +483,7 @@ class _FusedInferenceDoFn(beam.DoFn):
 
 
 class _WindowedFusedInferenceDoFn(_FusedInferenceDoFn):
-    """The fused DoFn for windowed input: one buffer per window (at most
+    """The fused DoFn for windowed input: one batch per window (at most
     ``MAX_LIVE_WINDOWS`` live, then the fullest goes), results at the end of their window."""
 
     def process(self, element: Any, window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:

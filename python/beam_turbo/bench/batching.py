@@ -217,7 +217,7 @@ def batching_dofn_per_element(which: str, weighted: bool, elements: int) -> None
     if which == "beam":
         dofn = beam_global_batching_dofn(size_fn, record_metrics=False)
     else:
-        args = (BatchSizer(), uuid.uuid4().hex, size_fn or batching._unit_weight, None)
+        args = (BatchSizer(), uuid.uuid4().hex, size_fn or batching.unit_weight, None)
         timing = batching._Timing(time.time, record_metrics=False)
         cls = batching._BatchingDoFn if weighted else batching._UnitBatchingDoFn
         dofn = cls(*args, timing)

@@ -740,3 +740,19 @@ def test_a_gc_hold_is_taken_and_given_back_once() -> None:
     assert gc.isenabled()
     with pytest.raises(RuntimeError, match="without a pause"):
         resume_cyclic_gc()
+
+
+def test_a_failed_load_is_not_retried_for_every_batch(tmp_path: Path) -> None:
+    """A model that never loads, batches of one to eight: the next load waits out the
+    backoff (0.5 s, doubled for the one retry) instead of every batch retrying at once."""
+    record = tmp_path / "calls"
+    data = [float(i) for i in range(200)]
+    handler = SizedDoubler(fail_loads=10**9, record=str(record))
+    transform = RunInference(handler, model_load_retries=1, model_load_backoff_secs=0.5)
+    with beam.Pipeline() as pipeline:
+        results, dlq = pipeline | beam.Create(data) | transform.with_exception_handling()
+        assert_that(results, equal_to([]))
+        failed = dlq.failed_inferences | beam.FlatMap(lambda failure: failure[0])
+        assert_that(failed, equal_to(data), label="every element dead-lettered")
+    loads = record.read_text().splitlines().count("load")
+    assert 2 <= loads <= 8, loads  # at least 25 batches, two attempts each, without the wait

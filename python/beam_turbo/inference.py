@@ -300,8 +300,8 @@ class _FusedInferenceDoFn(beam.DoFn):
     """Batching and inference in one DoFn: elements are gathered per window until the batch
     sizer's target (by :class:`~beam_turbo.batching.WindowBatches`, the policy
     ``BatchElements`` batches by), then run through the handler at once; what is left is run
-    at the end of the bundle. Batch sizes are learned from the inference time itself, and a batch that runs
-    out of memory is split and teaches the sizer its ceiling.
+    at the end of the bundle. Batch sizes are learned from the inference time itself, and a
+    batch that runs out of memory is split and teaches the sizer its ceiling.
 
     Results carry the timestamps and windows Beam's two steps give them: in the global
     window, the element that completed the batch's (the end of the window for the batch run
@@ -347,6 +347,7 @@ class _FusedInferenceDoFn(beam.DoFn):
         self._load_with_retries = retrying(self._load, self._retries, self._backoff_secs)
         self._models = _CachedModels(self._model_tag, namespace)
         self._model: Any = None
+        self._load_failure: tuple[Exception, float] | None = None  # the error, when to retry
         self._batch: tuple[Sequence[Any], float] = ((), 0.0)  # the batch running, its weight
         # Held while the global window's batch is gathered; given back when it has run, when
         # a bundle ends or starts, at teardown, and (a failed bundle) when this DoFn is freed.
@@ -356,8 +357,20 @@ class _FusedInferenceDoFn(beam.DoFn):
             self._acquire_model()  # fail at once; with exception handling, per batch instead
 
     def _acquire_model(self) -> Any:
+        """The model, loaded on first use. A load that failed (with its retries) is not tried
+        again for the next batches until ``backoff_secs * 2**retries`` seconds have passed:
+        meanwhile they fail at once with its error, instead of each waiting out the retries."""
         if self._model is None:
-            self._model = self._models.acquire(self._load_with_retries)
+            failed = self._load_failure
+            if failed is not None and time.monotonic() < failed[1]:
+                raise failed[0].with_traceback(None)
+            try:
+                self._model = self._models.acquire(self._load_with_retries)
+            except Exception as error:
+                retry_at = time.monotonic() + self._backoff_secs * 2**self._retries
+                self._load_failure = (error, retry_at)
+                raise
+            self._load_failure = None
         return self._model
 
     def _load(self) -> Any:

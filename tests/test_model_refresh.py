@@ -346,3 +346,119 @@ def test_keyed_handler_with_many_models_gives_stock_beams_results(hint: int | No
         count = sum(d.committed.count for d in loads["distributions"])
         # Each model loads once without the hint; with room for one model, they take turns.
         assert count > 2 if hint else count == 2, (transform, count)
+
+
+class CountingModel:
+    """Predicts how many predictions it has made (Beam's FakeStatefulModel)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+
+    def predict(self, example: int) -> int:
+        return self._count
+
+    def increment_state(self, amount: int) -> None:
+        self._count += amount
+
+
+class CountingHandler(base.ModelHandler[int, base.PredictionResult, CountingModel]):
+    """Beam's FakeModelHandlerReturnsPredictionResult(multi_process_shared=True, state=True):
+    results name the model path they came from, and count the model's predictions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model_id = "fake_model_id_default"
+
+    def load_model(self) -> CountingModel:
+        return CountingModel()
+
+    def run_inference(
+        self, batch: Sequence[int], model: CountingModel, inference_args: Any = None
+    ) -> Iterable[base.PredictionResult]:
+        if "multi_process_shared" not in str(type(model)):
+            raise TypeError(f"expected a multi_process_shared model, got {type(model)}")
+        results = []
+        for example in batch:
+            results.append(base.PredictionResult(example, model.predict(example), self.model_id))
+            model.increment_state(1)
+        return results
+
+    def update_model_path(self, model_path: str | None = None) -> None:
+        self.model_id = model_path or self.model_id
+
+    def share_model_across_processes(self) -> bool:
+        return True
+
+
+def test_per_key_models_refresh_through_a_side_input() -> None:
+    """Beam's test_run_inference_side_input_in_batch_per_key_models, with beam-turbo's
+    RunInference: two keys' models (shared across processes) are replaced at different
+    times through ``model_metadata_pcoll`` (``KeyModelPathMapping``s)."""
+    import math
+    import time
+
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.transforms import trigger, window
+
+    first_ts = math.floor(time.time()) - 30
+    interval = 7
+    main = [
+        ("key1", first_ts - 2),
+        ("key2", first_ts + 1),
+        ("key2", first_ts + 8),
+        ("key1", first_ts + 15),
+        ("key2", first_ts + 22),
+        ("key1", first_ts + 29),
+    ]
+
+    def mappings(key1: str, key2: str) -> list[base.KeyModelPathMapping]:
+        return [
+            base.KeyModelPathMapping(keys=["key1"], update_path=key1),
+            base.KeyModelPathMapping(keys=["key2"], update_path=key2),
+        ]
+
+    side = [
+        (first_ts + 1, mappings("fake_model_id_default", "fake_model_id_default")),
+        (first_ts + 8, mappings("fake_model_id_1", "fake_model_id_default")),
+        (first_ts + 15, mappings("fake_model_id_1", "fake_model_id_2")),
+    ]
+    handler = base.KeyedModelHandler(
+        [
+            base.KeyModelMapping(["key1"], CountingHandler()),
+            base.KeyModelMapping(["key2"], CountingHandler()),
+        ]
+    )
+
+    def emit_each(grouped: tuple[str, list[Any]]) -> Iterator[Any]:
+        yield from grouped[1]
+
+    with TestPipeline("FnApiRunner") as pipeline:
+        side_input = (
+            pipeline
+            | "Side" >> beam.Create(side)
+            | "SideTs" >> beam.Map(lambda x: window.TimestampedValue(x[1], x[0]))
+            | "SideWin"
+            >> beam.WindowInto(
+                window.FixedWindows(interval),
+                accumulation_mode=trigger.AccumulationMode.DISCARDING,
+            )
+            | "SideKey" >> beam.Map(lambda x: ("key", x))
+            | "SideGbk" >> beam.GroupByKey()
+            | "SideEmit" >> beam.FlatMap(emit_each)
+        )
+        results = (
+            pipeline
+            | "Main" >> beam.Create(main)
+            | "MainTs" >> beam.Map(lambda x: window.TimestampedValue(x, x[1]))
+            | "MainWin" >> beam.WindowInto(window.FixedWindows(interval))
+            | RunInference(handler, model_metadata_pcoll=side_input)
+            | "Results" >> beam.Map(lambda keyed: keyed[1])
+        )
+        ids = ["fake_model_id_default"] * 3 + ["fake_model_id_1", "fake_model_id_2"]
+        ids.append("fake_model_id_1")
+        inferences = [0, 0, 1, 0, 0, 1]
+        expected = [
+            base.PredictionResult(example=x[1], inference=i, model_id=m)
+            for x, i, m in zip(main, inferences, ids, strict=True)
+        ]
+        assert_that(results, equal_to(expected))

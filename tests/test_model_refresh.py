@@ -43,6 +43,7 @@ from sklearn.linear_model import LinearRegression
 
 from beam_turbo import RunInference
 from beam_turbo.sklearn import SklearnModelHandlerNumpy
+from tests.side_inputs import in_fixed_windows
 
 #: Stock Beam's transform and beam-turbo's, run side by side.
 BOTH = [pytest.param(base.RunInference, id="stock"), pytest.param(RunInference, id="turbo")]
@@ -398,7 +399,7 @@ def test_per_key_models_refresh_through_a_side_input() -> None:
     import time
 
     from apache_beam.testing.test_pipeline import TestPipeline
-    from apache_beam.transforms import trigger, window
+    from apache_beam.transforms import window
 
     first_ts = math.floor(time.time()) - 30
     interval = 7
@@ -429,23 +430,8 @@ def test_per_key_models_refresh_through_a_side_input() -> None:
         ]
     )
 
-    def emit_each(grouped: tuple[str, list[Any]]) -> Iterator[Any]:
-        yield from grouped[1]
-
     with TestPipeline("FnApiRunner") as pipeline:
-        side_input = (
-            pipeline
-            | "Side" >> beam.Create(side)
-            | "SideTs" >> beam.Map(lambda x: window.TimestampedValue(x[1], x[0]))
-            | "SideWin"
-            >> beam.WindowInto(
-                window.FixedWindows(interval),
-                accumulation_mode=trigger.AccumulationMode.DISCARDING,
-            )
-            | "SideKey" >> beam.Map(lambda x: ("key", x))
-            | "SideGbk" >> beam.GroupByKey()
-            | "SideEmit" >> beam.FlatMap(emit_each)
-        )
+        side_input = in_fixed_windows(pipeline, side, interval, "Side")
         results = (
             pipeline
             | "Main" >> beam.Create(main)

@@ -23,6 +23,7 @@ import beam_turbo
 from beam_turbo import RunInference
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 from beam_turbo.sklearn import SklearnModelHandlerNumpy
+from tests.side_inputs import in_fixed_windows
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +409,7 @@ def test_model_refresh_through_a_side_input() -> None:
     import time as clock
 
     from apache_beam.testing.test_pipeline import TestPipeline
-    from apache_beam.transforms import trigger, window
+    from apache_beam.transforms import window
 
     first_ts = math.floor(clock.time()) - 30
     interval = 7
@@ -419,23 +420,8 @@ def test_model_refresh_through_a_side_input() -> None:
         (first_ts + 15, base.ModelMetadata(model_id="fake_model_id_2", model_name="m2")),
     ]
 
-    def flatten(grouped: Any) -> Any:
-        return grouped[1]
-
     with TestPipeline("FnApiRunner") as pipeline:
-        side_input = (
-            pipeline
-            | "Side" >> beam.Create(side)
-            | "SideTs" >> beam.Map(lambda x: window.TimestampedValue(x[1], x[0]))
-            | "SideWin"
-            >> beam.WindowInto(
-                window.FixedWindows(interval),
-                accumulation_mode=trigger.AccumulationMode.DISCARDING,
-            )
-            | "SideKey" >> beam.Map(lambda x: ("key", x))
-            | "SideGbk" >> beam.GroupByKey()
-            | "SideEmit" >> beam.FlatMap(flatten)
-        )
+        side_input = in_fixed_windows(pipeline, side, interval, "Side")
         results = (
             pipeline
             | "Main" >> beam.Create(main)
@@ -443,7 +429,7 @@ def test_model_refresh_through_a_side_input() -> None:
             | "MainWin" >> beam.WindowInto(window.FixedWindows(interval))
             | "MainKey" >> beam.Map(lambda x: ("key", x))
             | "MainGbk" >> beam.GroupByKey()
-            | "MainEmit" >> beam.FlatMap(flatten)
+            | "MainEmit" >> beam.FlatMap(lambda grouped: grouped[1])
             | RunInference(PathModelHandler(), model_metadata_pcoll=side_input)
         )
         ids = ["fake_model_id_default"] * 2 + ["fake_model_id_1"] + ["fake_model_id_2"] * 2

@@ -56,7 +56,7 @@ def _with_progress(label: str, work: Callable[[], float]) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
-        "--framework", choices=["sklearn", "torch", "tensorflow"], default="sklearn"
+        "--framework", choices=["sklearn", "torch", "torch-mlp", "tensorflow"], default="sklearn"
     )
     parser.add_argument(
         "--elements", type=int, default=200_000, help="elements to time (at least 100,000)"
@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     options: Sequence[str] = [o for o in args.beam_options if o != "--"]
     # Fewer elements than this time the runner's noise, not the pipelines.
     elements = max(_MIN_TIMED, args.elements // e2e.CHUNK * e2e.CHUNK)
-    checked = min(elements, args.check)
+    # Elements are generated in chunks: check whole chunks, at least the --check asked for.
+    checked = min(elements, -(-max(1, args.check) // e2e.CHUNK) * e2e.CHUNK)
     print(
         f"beam-turbo demo: {elements:,} elements through a {args.framework} model, "
         f"stock Beam RunInference and beam-turbo's, on {_runner(options)}\n"

@@ -742,3 +742,34 @@ def test_a_failed_load_is_not_retried_for_every_batch(tmp_path: Path) -> None:
         assert_that(failed, equal_to(data), label="every element dead-lettered")
     loads = record.read_text().splitlines().count("load")
     assert 2 <= loads <= 8, loads  # at least 25 batches, two attempts each, without the wait
+
+
+def test_overlapping_pauses_still_collect_now_and_then(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pauses that overlap without end (threads gathering batches in turn) get a full
+    collection once they have kept the collector off for MAX_GC_PAUSE_SECS."""
+    import gc
+
+    from beam_turbo import _inference
+
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        first, second = _inference.GcHold(), _inference.GcHold()
+        first.take()
+        second.take()  # within the limit: no collection
+        assert collections == []
+        monkeypatch.setattr(_inference, "MAX_GC_PAUSE_SECS", 0.0)
+        second.give_back()
+        second.take()  # the pause has gone on past the limit
+        assert collections == [2]
+        assert not gc.isenabled()
+        first.give_back()
+        second.give_back()
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(count)

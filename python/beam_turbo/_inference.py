@@ -116,20 +116,35 @@ def take_stack_time_ns() -> int:
 _gc_pause_lock = threading.Lock()
 _gc_pauses = 0
 _gc_was_enabled = False
+_gc_paused_since = 0.0
+
+#: The longest the collector waits while pauses overlap (threads gathering batches in turn
+#: can keep one going); past it, the next pause runs a full collection first.
+MAX_GC_PAUSE_SECS = 5.0
 
 
 def pause_cyclic_gc() -> None:
     """Hold off the cyclic garbage collector until the matching :func:`resume_cyclic_gc`.
 
     Pauses nest and may overlap across threads: the collector is enabled again when the last
-    one ends, and only if it was enabled when the first began.
+    one ends, and only if it was enabled when the first began. Overlapping pauses that keep
+    it off for more than ``MAX_GC_PAUSE_SECS`` get a full collection at the next pause, so
+    cycles never wait longer than that.
     """
-    global _gc_pauses, _gc_was_enabled
+    global _gc_pauses, _gc_was_enabled, _gc_paused_since
+    collect = False
     with _gc_pause_lock:
+        now = time.monotonic()
         if _gc_pauses == 0:
             _gc_was_enabled = gc.isenabled()
+            _gc_paused_since = now
             gc.disable()
+        elif _gc_was_enabled and now - _gc_paused_since > MAX_GC_PAUSE_SECS:
+            _gc_paused_since = now
+            collect = True
         _gc_pauses += 1
+    if collect:
+        gc.collect()
 
 
 def resume_cyclic_gc() -> None:

@@ -356,9 +356,10 @@ def test_fused_results_keep_their_windows() -> None:
     "options",
     [
         ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+        ["--direct_running_mode=multi_threading", "--direct_num_workers=2"],
         ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
     ],
-    ids=["multi-process", "portable"],
+    ids=["multi-process", "multi-thread", "portable"],
 )
 def test_other_runners_give_stock_beams_results(model_path: str, options: list[str]) -> None:
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -377,6 +378,9 @@ def test_other_runners_give_stock_beams_results(model_path: str, options: list[s
             else:
                 out = predictions(pipeline | beam.Create(data) | RunInference(handler))
                 assert_that(out, equal_to(expected))
+    import gc
+
+    assert gc.isenabled()  # every pause of the collector in this process was given back
 
 
 class PlusOne:

@@ -182,20 +182,28 @@ class _BatchingDoFn(beam.DoFn):
         # Downstream setup (loading a model) would make the first timing meaningless.
         self._untimed = True
 
+    def _capped_target(self) -> float:
+        return min(self._sizer.next_size(), self._max_weight)
+
     def _next_target(self) -> None:
-        self._target = min(self._sizer.next_size(), self._max_weight)
+        self._target = self._capped_target()
 
     def start_bundle(self) -> None:
         self._batch = []
         self._weight = 0
         self._next_target()
 
-    def _emit(self, batch: list[Any], weight: float) -> Iterator[Any]:
+    def _timed(self, batch: Any, weight: float) -> Iterator[Any]:
+        """Emit ``batch`` (of ``weight``), then tell the sizer how long the work fused
+        downstream took on it, or of the memory failures that work reported."""
         start = self._timing.now()
-        yield internals.at_end_of_global_window(batch)
+        yield batch
         failed = _tell_sizer(self._sizer, self._key)
         self._timing.done(None if self._untimed or failed else self._sizer, weight, start)
         self._untimed = False
+
+    def _emit(self, batch: list[Any], weight: float) -> Iterator[Any]:
+        yield from self._timed(internals.at_end_of_global_window(batch), weight)
         self._next_target()
 
     def process(self, element: Any) -> Iterator[Any] | None:
@@ -310,49 +318,23 @@ class WindowBatches:
         yield from batches.items()
 
 
-class _WindowAwareBatchingDoFn(beam.DoFn):
+class _WindowAwareBatchingDoFn(_BatchingDoFn):
     """Batches per window (:class:`WindowBatches`)."""
 
-    def __init__(
-        self,
-        sizer: BatchSizer,
-        key: str,
-        element_size_fn: Callable[[Any], float],
-        max_batch_weight: float | None,
-        timing: _Timing,
-    ) -> None:
-        self._sizer = sizer
-        self._key = key
-        self._weigh = element_size_fn
-        self._max_weight = float("inf") if max_batch_weight is None else max_batch_weight
-        self._timing = timing
-        self._untimed = True
-
-    def setup(self) -> None:
-        self._timing.setup()
-        self._sizer = _shared_sizer(self._key, self._sizer)
-        self._untimed = True
-
-    def _next_target(self) -> float:
-        return min(self._sizer.next_size(), self._max_weight)
-
     def start_bundle(self) -> None:
-        self._windows = WindowBatches(self._weigh, self._next_target)
+        self._windows = WindowBatches(self._weigh, self._capped_target)
 
-    def _emit(self, win: Any, batch: SizedBatch) -> Iterator[Any]:
-        start = self._timing.now()
-        yield internals.WindowedValue(batch.elements, win.max_timestamp(), (win,))
-        failed = _tell_sizer(self._sizer, self._key)
-        self._timing.done(None if self._untimed or failed else self._sizer, batch.weight, start)
-        self._untimed = False
+    def _emit_in(self, win: Any, batch: SizedBatch) -> Iterator[Any]:
+        value = internals.WindowedValue(batch.elements, win.max_timestamp(), (win,))
+        return self._timed(value, batch.weight)
 
     def process(self, element: Any, win: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
         for full_window, batch in self._windows.add(element, win):
-            yield from self._emit(full_window, batch)
+            yield from self._emit_in(full_window, batch)
 
     def finish_bundle(self) -> Iterator[Any]:
         for win, batch in self._windows.drain():
-            yield from self._emit(win, batch)
+            yield from self._emit_in(win, batch)
 
 
 class _SumWeights(beam.CombineFn):

@@ -221,16 +221,16 @@ class _TurboRunInferenceDoFn(internals.RunInferenceDoFn):
 
     def _run_inference(self, batch: Any, inference_args: Any) -> Any:
         run_batch = super()._run_inference
+
+        def run(part: Sequence[Any]) -> Any:
+            return run_batch(part, inference_args)
+
         isolate = self._isolate
         try:
             if isolate is None:
-                return run_owning_oom(
-                    lambda part: run_batch(part, inference_args), batch, self._ran_out_of_memory
-                )
+                return run_owning_oom(run, batch, self._ran_out_of_memory)
             return run_owning_oom(
-                lambda part: isolating(lambda p: run_batch(p, inference_args), part, isolate),
-                batch,
-                self._ran_out_of_memory,
+                lambda part: isolating(run, part, isolate), batch, self._ran_out_of_memory
             )
         finally:
             _report_stack_time(self._stack_time)
@@ -457,15 +457,14 @@ class _FusedInferenceDoFn(beam.DoFn):
         exc_class = self._exc_class
         if exc_class is None:
             return run_owning_oom(self._run, batch, self._ran_out_of_memory)
+
+        def isolated(part: Sequence[Any]) -> list[Any]:
+            return isolating(self._run, part, exc_class)
+
+        run = isolated if self._isolate_failures else self._run
         try:
             self._acquire_model()  # a model that never loads fails the batch once, whole
-            if self._isolate_failures:
-                return run_owning_oom(
-                    lambda part: isolating(self._run, part, exc_class),
-                    batch,
-                    self._ran_out_of_memory,
-                )
-            return run_owning_oom(self._run, batch, self._ran_out_of_memory)
+            return run_owning_oom(run, batch, self._ran_out_of_memory)
         except exc_class as error:
             return [dead_letter(batch, error)]
 

@@ -7,6 +7,8 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
+# The build backend runs `maturin` from PATH: the venv's own, on a machine that has none.
+export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/python -m pip install --quiet --upgrade "pip>=25.1"
 # pip >= 25.1 reads the [dependency-groups] table (PEP 735).
 .venv/bin/python -m pip install --quiet --group dev

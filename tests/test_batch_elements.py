@@ -123,8 +123,11 @@ def test_exported_from_the_package() -> None:
 
 
 def test_private_beam_parts_are_behind_a_version_check() -> None:
-    check_beam_version(SUPPORTED_BEAM + ".0")
-    check_beam_version(SUPPORTED_BEAM + ".9")
+    for release in SUPPORTED_BEAM:
+        check_beam_version(release + ".0")
+        check_beam_version(release + ".9")
+    with pytest.raises(UnsupportedBeamVersionError, match=r"apache-beam 2\.74\.0 is installed"):
+        check_beam_version("2.74.0")
     with pytest.raises(UnsupportedBeamVersionError, match=r"apache-beam 2\.78\.0 is installed"):
         check_beam_version("2.78.0")
     with pytest.raises(ImportError):

@@ -157,13 +157,27 @@ def test_true_byte_size_for_multi_dimensional_elements(linear: dict[str, Any]) -
     assert beams.get_num_bytes(batch) == 5 * 3 * 4  # Beam's figure: element_size per row
 
 
-def test_wrong_shape_or_dtype_names_the_element(linear: dict[str, Any]) -> None:
+def test_wrong_shape_keeps_beams_error_and_names_the_element(linear: dict[str, Any]) -> None:
     handler = PytorchModelHandlerTensor(**linear)
     model = handler.load_model()
-    with pytest.raises(InvalidInputError, match=r"element 2 has shape \(5,\) and dtype float32"):
+    # Beam's error type and words (torch.stack's), then the element and what a user can do.
+    with pytest.raises(
+        RuntimeError,
+        match=r"(?s)^stack expects each tensor to be equal size.*element 2 has shape \(5,\) "
+        r"and dtype float32.*max_batch_size=1",
+    ):
         handler.run_inference([torch.rand(4), torch.rand(4), torch.rand(5)], model)
-    with pytest.raises(TypeError, match=r"element 1 has shape \(4,\) and dtype float64"):
-        handler.run_inference([torch.rand(4), torch.rand(4, dtype=torch.float64)], model)
+
+
+def test_mixed_dtypes_are_promoted_as_beams_handler_does(linear: dict[str, Any]) -> None:
+    handler = PytorchModelHandlerTensor(**linear)
+    beams = beam_pytorch.PytorchModelHandlerTensor(**linear)
+    model = handler.load_model()
+    batch = [torch.rand(4), torch.arange(4)]  # float32 and int64: float32
+    ours = [r.inference for r in handler.run_inference(batch, model)]
+    theirs = [r.inference for r in beams.run_inference(batch, model)]
+    assert [t.dtype for t in ours] == [t.dtype for t in theirs]
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
 def test_missing_corrupt_and_mismatched_model_files_name_the_file(

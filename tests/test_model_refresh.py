@@ -38,6 +38,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference import base
 from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy as BeamSklearn
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.utils import multi_process_shared
 from apache_beam.utils.timestamp import Duration, Timestamp
 from sklearn.linear_model import LinearRegression
 
@@ -219,8 +220,15 @@ NUMBERS = list(range(20))
 
 
 @pytest.fixture
-def reaped_children() -> Iterator[None]:
-    """As Beam's ModelManagerTest.tearDown: end the model processes this test spawned."""
+def reaped_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The model processes this test spawns are its own: Beam's ModelManager serves every
+    pipeline on a machine from one fixed address file in the temp directory (tag
+    ``model_manager``), so another Beam pipeline running beside the tests would answer this
+    one's requests (and fail to unpickle its handler). Afterwards, as Beam's
+    ModelManagerTest.tearDown, end the processes it spawned."""
+    # MultiProcessShared's default folder is bound when Beam is imported: replace the default.
+    defaults = multi_process_shared.MultiProcessShared.__init__.__kwdefaults__
+    monkeypatch.setitem(defaults, "path", str(tmp_path))
     before = set(multiprocessing.active_children())
     yield
     for child in set(multiprocessing.active_children()) - before:

@@ -11,8 +11,10 @@ from typing import Any
 
 import apache_beam
 
-#: The Beam releases whose internals this module was written against.
-SUPPORTED_BEAM = "2.77"
+#: The Beam releases (major.minor) whose internals this module was read from and checked
+#: against: the names below are the same in each, and Beam's own tests pass with beam-turbo
+#: in place on each (scripts/conformance.sh).
+SUPPORTED_BEAM = ("2.75", "2.76", "2.77")
 
 
 class UnsupportedBeamVersionError(ImportError):
@@ -24,17 +26,19 @@ def check_beam_version(version: str = apache_beam.__version__) -> None:
 
     Example:
         >>> check_beam_version("2.77.1")
+        >>> check_beam_version("2.75.0")
         >>> check_beam_version("2.78.0")
         Traceback (most recent call last):
         ...
         beam_turbo._beam_internals.UnsupportedBeamVersionError: ...
     """
-    if version != SUPPORTED_BEAM and not version.startswith(SUPPORTED_BEAM + "."):
+    if ".".join(version.split(".")[:2]) not in SUPPORTED_BEAM:
+        supported = ", ".join(f"{v}.x" for v in SUPPORTED_BEAM)
         raise UnsupportedBeamVersionError(
-            f"beam-turbo {SUPPORTED_BEAM}.x uses private parts of apache-beam {SUPPORTED_BEAM}.x "
-            "(apache_beam.transforms.util, apache_beam.ml.inference.base), "
-            f"but apache-beam {version} is installed; install "
-            f'"apache-beam=={SUPPORTED_BEAM}.*" or a beam-turbo release made for {version}'
+            f"beam-turbo uses private parts of apache-beam (apache_beam.transforms.util, "
+            f"apache_beam.ml.inference.base) that it has checked on {supported}, but "
+            f"apache-beam {version} is installed; install one of those, or a beam-turbo "
+            f"release made for {version}"
         )
 
 

@@ -21,17 +21,27 @@ from contextvars import ContextVar
 from itertools import repeat
 from typing import Any, TypeVar
 
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import PredictionResult
 
-from beam_turbo.errors import ModelLoadError, ModelNotFoundError
+from beam_turbo._stacking import stack
+from beam_turbo.errors import (
+    InvalidInputError,
+    InvalidTypeError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
 
 __all__ = [
+    "SHAPE_HINT",
     "ByteSizeMemo",
     "GcHold",
+    "beams_conversion",
     "cyclic_gc_paused",
     "is_out_of_memory",
     "loading_model",
+    "numpy_batch",
     "prediction_results",
     "run_owning_oom",
     "run_splitting_on_oom",
@@ -102,6 +112,53 @@ def timed_stack(stack: Callable[..., R], batch: Sequence[Any], **kwargs: Any) ->
         return stack(batch, **kwargs)
     finally:
         _stack_time.ns = getattr(_stack_time, "ns", 0) + time.perf_counter_ns() - start
+
+
+#: What a RunInference user can do about elements of different shapes in one batch.
+SHAPE_HINT = (
+    "RunInference stacks a batch's elements into one array, so they need one shape: reshape "
+    "or pad them before RunInference (in a beam.Map), or give the model handler "
+    "max_batch_size=1 to run them one at a time"
+)
+
+_STACK_PAD_ADVICE = "; pass pad= to stack arrays of different shapes"
+
+
+def beams_conversion(
+    convert: Callable[..., R], batch: Sequence[Any], fast_error: Exception
+) -> R:
+    """``convert(batch)`` where ``convert`` is the conversion Beam's handler makes
+    (``numpy.stack``, ``torch.stack``), for a batch the fast path refused with ``fast_error``:
+    Beam's results, and Beam's errors. A shape mismatch keeps Beam's error type and words,
+    followed by the fast path's detail (the element, its shape and dtype) and what the user
+    can do.
+    """
+    try:
+        return timed_stack(convert, batch)
+    except (ValueError, RuntimeError) as error:
+        message = str(error)
+        if type(error) not in (ValueError, RuntimeError) or not (
+            "shape" in message or "size" in message
+        ):
+            raise
+        # stack()'s own advice (pad=) is for its callers; a RunInference user gets SHAPE_HINT.
+        detail = str(fast_error).removesuffix(_STACK_PAD_ADVICE)
+        raise type(error)(f"{message} ({detail}). {SHAPE_HINT}") from error
+
+
+def numpy_batch(batch: Sequence[Any]) -> Any:
+    """A numpy handler's batch: one copy by :func:`beam_turbo.stack` for arrays of one dtype
+    and shape; anything else (lists, tuples, mixed dtypes, which numpy promotes) as Beam's
+    handler builds it, by ``numpy.stack``.
+
+    Example:
+        >>> numpy_batch([[1, 2], np.array([0.5, 1.5])]).tolist()
+        [[1.0, 2.0], [0.5, 1.5]]
+    """
+    try:
+        return timed_stack(stack, batch)
+    except (InvalidInputError, InvalidTypeError) as error:
+        return beams_conversion(np.stack, batch, error)
 
 
 def take_stack_time_ns() -> int:
@@ -338,34 +395,37 @@ _DESERIALIZE_ERRORS = (
 def loading_model(
     path: str | None, what: str = "model", also: Sequence[str] = ()
 ) -> Iterator[None]:
-    """Turn a missing or undeserializable model file into an error that names the path.
+    """Turn what a model loader raises into an error that names the model file.
 
-    The file must exist (or one of ``also``, such as a checkpoint's ``.index``) before the
-    loader runs; a scheme that no Beam file system knows (a hub handle) is left to the loader.
+    The loader always runs: a user's loader, or one replaced in a test, may not read ``path``
+    at all. Only after it fails is the path looked up: a path that does not exist (nor any of
+    ``also``, such as a checkpoint's ``.index``) gives :class:`ModelNotFoundError`, a file that
+    does not deserialize gives :class:`ModelLoadError`; other errors (a flaky network file
+    system, a timeout) go through as they are, since retrying may help those.
 
     Example:
         >>> with loading_model("/nowhere/model.pkl"):
         ...     open("/nowhere/model.pkl", "rb")
         Traceback (most recent call last):
         ...
-        beam_turbo.errors.ModelNotFoundError: model file /nowhere/model.pkl does not exist
+        beam_turbo.errors.ModelNotFoundError: model file /nowhere/model.pkl does not exist ...
     """
-    if path:
-        try:
-            exists = any(FileSystems.exists(p) for p in (path, *also))
-        except Exception:  # a scheme no file system handles (a hub handle): the loader decides
-            exists = True
-        if not exists:
-            raise ModelNotFoundError(f"{what} file {path} does not exist")
     try:
         yield
     except ModelLoadError:
         raise
-    except FileNotFoundError as error:
-        raise ModelNotFoundError(f"{what} file {path} does not exist ({error})") from error
-    except _DESERIALIZE_ERRORS as error:
-        raise ModelLoadError(f"{what} file {path} could not be loaded: {error}") from error
-    except OSError as error:
-        if "No such file" in str(error) or "not found" in str(error).lower():
+    except Exception as error:
+        if isinstance(error, FileNotFoundError) or (path and not _exists(path, *also)):
             raise ModelNotFoundError(f"{what} file {path} does not exist ({error})") from error
+        if isinstance(error, _DESERIALIZE_ERRORS):
+            raise ModelLoadError(f"{what} file {path} could not be loaded: {error}") from error
         raise
+
+
+def _exists(*paths: str) -> bool:
+    """Whether any of ``paths`` exists; True for a scheme no Beam file system knows (a hub
+    handle), which only its loader can judge."""
+    try:
+        return any(FileSystems.exists(p) for p in paths)
+    except Exception:
+        return True

@@ -1,8 +1,7 @@
 """``beam_turbo.patch()`` / ``beam_turbo.unpatch()``: beam-turbo's transforms and handlers in
 place of Beam's, for pipelines that cannot be edited.
 
-``patch()`` replaces these names in the ``apache_beam`` modules (the frameworks' modules only
-where the framework is installed):
+``patch()`` replaces these names in the ``apache_beam`` modules:
 
 =====================================================  =========================================
 ``apache_beam.ml.inference.base.RunInference``         ``beam_turbo.RunInference``
@@ -17,54 +16,64 @@ where the framework is installed):
 ``TFModelHandlerTensor``
 =====================================================  =========================================
 
-Code that looks names up through the module (``beam.BatchElements``,
-``base.RunInference``) after ``patch()`` gets beam-turbo's; a name imported with
-``from ... import`` before ``patch()`` keeps Beam's, so call ``patch()`` first. ``unpatch()``
-puts back exactly what was there.
+A framework's handler module is patched when the pipeline imports it, never before: ``patch()``
+imports no framework (importing TensorFlow into a PyTorch pipeline costs seconds, hundreds of
+megabytes, and can abort the process when two frameworks' LLVM copies meet). Beam modules
+already imported are patched at once; the others by an import hook, right after Beam's module
+runs and before the importer reads a name from it, so ``from ... import`` after ``patch()``
+gets beam-turbo's class. A name imported with ``from ... import`` before ``patch()`` keeps
+Beam's, so call ``patch()`` first. ``unpatch()`` puts back exactly what was there and removes
+the hook.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import sys
 import threading
+from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 __all__ = ["is_patched", "patch", "unpatch"]
 
-# (module, attribute) -> (beam-turbo module, attribute); frameworks are optional.
-_REPLACEMENTS: list[tuple[str, str, str, str]] = [
-    ("apache_beam.ml.inference.base", "RunInference", "beam_turbo.inference", "RunInference"),
-    ("apache_beam.ml.inference", "RunInference", "beam_turbo.inference", "RunInference"),
-    ("apache_beam", "BatchElements", "beam_turbo.batching", "BatchElements"),
-    ("apache_beam.transforms", "BatchElements", "beam_turbo.batching", "BatchElements"),
-    ("apache_beam.transforms.util", "BatchElements", "beam_turbo.batching", "BatchElements"),
-    *[
-        (f"apache_beam.ml.inference.{beam_module}", name, f"beam_turbo.{ours}", name)
-        for beam_module, ours, names in [
-            (
-                "pytorch_inference",
-                "pytorch",
-                ["PytorchModelHandlerTensor", "PytorchModelHandlerKeyedTensor"],
-            ),
-            (
-                "sklearn_inference",
-                "sklearn",
-                ["SklearnModelHandlerNumpy", "SklearnModelHandlerPandas"],
-            ),
-            ("tensorflow_inference", "tensorflow", ["TFModelHandlerNumpy", "TFModelHandlerTensor"]),
-        ]
-        for name in names
-    ],
+_FRAMEWORK_HANDLERS = [
+    (
+        "pytorch_inference",
+        "pytorch",
+        ["PytorchModelHandlerTensor", "PytorchModelHandlerKeyedTensor"],
+    ),
+    ("sklearn_inference", "sklearn", ["SklearnModelHandlerNumpy", "SklearnModelHandlerPandas"]),
+    ("tensorflow_inference", "tensorflow", ["TFModelHandlerNumpy", "TFModelHandlerTensor"]),
 ]
 
-_LOCK = threading.Lock()
+#: Beam module -> [(attribute, beam-turbo module, attribute)].
+_REPLACEMENTS: dict[str, list[tuple[str, str, str]]] = {
+    "apache_beam.ml.inference.base": [("RunInference", "beam_turbo.inference", "RunInference")],
+    "apache_beam.ml.inference": [("RunInference", "beam_turbo.inference", "RunInference")],
+    "apache_beam": [("BatchElements", "beam_turbo.batching", "BatchElements")],
+    "apache_beam.transforms": [("BatchElements", "beam_turbo.batching", "BatchElements")],
+    "apache_beam.transforms.util": [("BatchElements", "beam_turbo.batching", "BatchElements")],
+    **{
+        f"apache_beam.ml.inference.{beam_module}": [
+            (name, f"beam_turbo.{ours}", name) for name in names
+        ]
+        for beam_module, ours, names in _FRAMEWORK_HANDLERS
+    },
+}
+
+_LOCK = threading.RLock()
 _ORIGINALS: dict[tuple[str, str], Any] = {}
+_active = False
 
 
 def patch() -> list[str]:
-    """Put beam-turbo's transforms and handlers in place of Beam's; returns what was replaced.
+    """Put beam-turbo's transforms and handlers in place of Beam's; returns what was replaced
+    now (a framework's handlers are replaced later, when the pipeline imports Beam's module).
 
-    Idempotent. A framework that is not installed is skipped.
+    Idempotent. Imports no framework the process has not imported.
 
     Example:
         >>> import apache_beam as beam, beam_turbo
@@ -75,30 +84,91 @@ def patch() -> list[str]:
         >>> beam.BatchElements is beam_turbo.BatchElements
         False
     """
-    replaced = []
+    global _active
     with _LOCK:
-        for module_name, name, our_module, our_name in _REPLACEMENTS:
-            try:
-                module = importlib.import_module(module_name)
-                ours = getattr(importlib.import_module(our_module), our_name)
-            except ImportError:
-                continue  # the framework (torch, tensorflow, sklearn) is not installed
-            key = (module_name, name)
-            if key not in _ORIGINALS:
-                _ORIGINALS[key] = getattr(module, name)
-            setattr(module, name, ours)
-            replaced.append(f"{module_name}.{name}")
+        _active = True
+        if _HOOK not in sys.meta_path:
+            sys.meta_path.insert(0, _HOOK)
+        loaded = [name for name in _REPLACEMENTS if name in sys.modules]
+    replaced = []
+    for module_name in loaded:
+        replaced += _replace_in(sys.modules[module_name])
     return replaced
 
 
 def unpatch() -> None:
     """Undo :func:`patch` exactly; a no-op when nothing is patched."""
+    global _active
     with _LOCK:
+        _active = False
+        if _HOOK in sys.meta_path:
+            sys.meta_path.remove(_HOOK)
         for (module_name, name), original in _ORIGINALS.items():
-            setattr(importlib.import_module(module_name), name, original)
+            setattr(sys.modules[module_name], name, original)
         _ORIGINALS.clear()
 
 
 def is_patched() -> bool:
     """Whether :func:`patch` is in effect."""
-    return bool(_ORIGINALS)
+    return _active
+
+
+def _replace_in(module: ModuleType) -> list[str]:
+    """Replace Beam's names in ``module`` (a Beam module that has run) by beam-turbo's."""
+    replaced = []
+    for name, our_module, our_name in _REPLACEMENTS[module.__name__]:
+        # Imported outside the lock: beam-turbo's module imports Beam's, perhaps in this thread.
+        ours = getattr(importlib.import_module(our_module), our_name)
+        with _LOCK:
+            if not _active:
+                break
+            key = (module.__name__, name)
+            if key not in _ORIGINALS:
+                _ORIGINALS[key] = getattr(module, name)
+            setattr(module, name, ours)
+        replaced.append(f"{module.__name__}.{name}")
+    return replaced
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds Beam's modules that ``patch()`` covers through the other finders, and wraps
+    their loaders so that the names are replaced right after the module runs."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in _REPLACEMENTS or not _active:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec: importlib.machinery.ModuleSpec | None = find(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """A module's own loader, which then replaces Beam's names in the module."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        module: ModuleType | None = self._loader.create_module(spec)
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        if _active:
+            _replace_in(module)
+
+    def __getattr__(self, name: str) -> Any:
+        # get_source, get_filename, is_package...: the original loader's.
+        return getattr(self._loader, name)
+
+
+_HOOK = _PatchOnImport()

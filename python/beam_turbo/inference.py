@@ -582,9 +582,10 @@ class RunInference(base.RunInference):
             model_identifier=model_identifier,
             use_model_manager=use_model_manager,
             model_manager_args=model_manager_args,
-            monitoring_transform=monitoring_transform,
             **kwargs,
         )
+        # Ours on every supported Beam: 2.75 and 2.76 have no monitoring outlet (_finish adds it).
+        self._monitoring_transform = monitoring_transform
         self._model_load_retries = model_load_retries
         self._model_load_backoff_secs = model_load_backoff_secs
         self._isolate_failures = False
@@ -619,10 +620,17 @@ class RunInference(base.RunInference):
         self._isolate_failures = isolate_failures
         return self
 
+    def with_monitoring_transform(self, monitoring_transform: beam.PTransform) -> RunInference:
+        """Beam 2.77's: ``monitoring_transform`` also receives the un-postprocessed results
+        (on Beam 2.75 and 2.76 too)."""
+        self._monitoring_transform = monitoring_transform
+        return self
+
     def _can_fuse(self) -> bool:
         """Whether batching and inference can be one DoFn with Beam's semantics intact.
 
         Not with a model side input or file watch (the model changes under the batches),
+        ``inference_args`` given as a side input,
         exception handling with a ``timeout`` or ``use_subprocess`` (Beam's wrappers time and
         isolate each ``process`` call, and a fused DoFn buffers across calls), the model
         manager or cross-process models, no batching, or batching options that need Beam's
@@ -635,6 +643,8 @@ class RunInference(base.RunInference):
         )
         return (
             self._model_metadata_pcoll is None
+            # A side input is resolved by the runner per element: Beam's two steps pass it.
+            and not isinstance(self._inference_args, beam.pvalue.AsSideInput)
             and not self._watch_model_pattern
             and not wrapped
             and not self._use_model_manager

@@ -27,6 +27,7 @@ A user's ``inference_fn`` still receives exactly what Beam gives it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -38,13 +39,14 @@ from apache_beam.ml.inference.base import PredictionResult
 
 from beam_turbo._inference import (
     ByteSizeMemo,
+    beams_conversion,
     loading_model,
     prediction_results,
     run_splitting_on_oom,
     timed_stack,
 )
 from beam_turbo._stacking import stack
-from beam_turbo.errors import InvalidInputError, ModelLoadError
+from beam_turbo.errors import InvalidInputError, InvalidTypeError, ModelLoadError
 
 __all__ = ["PytorchModelHandlerKeyedTensor", "PytorchModelHandlerTensor", "resolve_device"]
 
@@ -98,7 +100,8 @@ def _cuda_usable(device: torch.device) -> bool:
 
 def _usable_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and not _cuda_usable(device):
-        _LOG.warning(
+        # Beam's words, on the root logger as Beam logs them: users filter on both.
+        logging.warning(
             "Model handler specified a 'GPU' device, but GPUs are not available. Switching to CPU."
         )
         return torch.device("cpu")
@@ -133,11 +136,19 @@ class _Staging:
         self._local = threading.local()
 
     def to_device(self, batch: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The batch stacked onto ``device``: one copy on the fast path (CPU tensors of one
+        dtype and shape); anything else exactly as Beam builds it, by ``torch.stack``."""
+        try:
+            return self._stack_to_device(batch, device)
+        except (InvalidInputError, InvalidTypeError) as error:
+            # Beam's conversion: it promotes mixed dtypes, and raises Beam's own errors.
+            stacked: torch.Tensor = beams_conversion(torch.stack, list(batch), error)
+            return stacked.to(device)
+
+    def _stack_to_device(self, batch: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
         first = batch[0]
         if not isinstance(first, torch.Tensor):
-            raise InvalidInputError(
-                f"element 0 is {type(first).__name__}; PytorchModelHandlerTensor takes tensors"
-            )
+            raise InvalidTypeError(f"element 0 is {type(first).__name__}, not a torch tensor")
         if first.device.type != "cpu":
             # Already on an accelerator: stack there, as Beam does.
             on_device: torch.Tensor = timed_stack(torch.stack, list(batch)).to(device)
@@ -171,17 +182,30 @@ class _Staging:
 
 
 class _TorchRunner:
-    """What both handlers add to Beam's: device choice, grad mode, autocast, staging."""
+    """What both handlers add to Beam's: device choice, grad mode, autocast, staging.
+
+    Every attribute of beam-turbo's own has a default here, so that a subclass whose
+    ``__init__`` sets only Beam's attributes (as Beam's tests and users' handlers do) works.
+    """
 
     _device: torch.device
+    _requested_device: torch.device | None = None
+    _inference_mode = False
+    _autocast: torch.dtype | None = None
+
+    @functools.cached_property
+    def _staging(self) -> _Staging:
+        return _Staging()
+
+    @functools.cached_property
+    def _byte_sizes(self) -> ByteSizeMemo:
+        return ByteSizeMemo()
 
     def _setup(self, device: str | torch.device, inference_mode: bool, autocast_dtype: Any) -> None:
         self._requested_device = resolve_device(device)
         self._device = self._requested_device
         self._inference_mode = inference_mode
         self._autocast = _autocast_dtype(autocast_dtype)
-        self._staging = _Staging()
-        self._byte_sizes = ByteSizeMemo()
 
     @contextlib.contextmanager
     def _modes(self) -> Any:
@@ -222,7 +246,7 @@ class _TorchRunner:
 
     def load_model(self) -> torch.nn.Module:
         """Load the model onto the chosen device (the CPU, with a warning, if CUDA is unusable)."""
-        self._device = _usable_device(self._requested_device)
+        self._device = _usable_device(self._requested_device or resolve_device(self._device))
         path = self._model_id()
         with loading_model(path, "PyTorch model"):
             try:
@@ -279,7 +303,7 @@ class PytorchModelHandlerTensor(_TorchRunner, beam_pytorch.PytorchModelHandlerTe
             state_dict_path,
             model_class,
             model_params,
-            "CPU",
+            _beam_device_name(device),
             inference_fn=inference_fn,
             torch_script_model_path=torch_script_model_path,
             min_batch_size=min_batch_size,
@@ -316,6 +340,11 @@ class PytorchModelHandlerTensor(_TorchRunner, beam_pytorch.PytorchModelHandlerTe
             return prediction_results(part, predictions, model_id)
 
         return run_splitting_on_oom(run, batch)
+
+
+def _beam_device_name(device: str | torch.device) -> str:
+    """What to give Beam's constructor, so that it logs Beam's "Device is set to ..." line."""
+    return "GPU" if resolve_device(device).type == "cuda" else "CPU"
 
 
 def _nbytes_of(batch: Sequence[Any]) -> int:
@@ -363,7 +392,7 @@ class PytorchModelHandlerKeyedTensor(_TorchRunner, beam_pytorch.PytorchModelHand
             state_dict_path,
             model_class,
             model_params,
-            "CPU",
+            _beam_device_name(device),
             inference_fn=inference_fn,
             torch_script_model_path=torch_script_model_path,
             min_batch_size=min_batch_size,

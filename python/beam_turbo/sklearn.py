@@ -25,11 +25,10 @@ from apache_beam.ml.inference.sklearn_inference import ModelFileType
 
 from beam_turbo._inference import (
     loading_model,
+    numpy_batch,
     prediction_results,
     run_splitting_on_oom,
-    timed_stack,
 )
-from beam_turbo._stacking import stack
 
 __all__ = ["ModelFileType", "SklearnModelHandlerNumpy", "SklearnModelHandlerPandas"]
 
@@ -102,7 +101,7 @@ class SklearnModelHandlerNumpy(beam_sklearn.SklearnModelHandlerNumpy):
 
         def run(part: Sequence[np.ndarray[Any, Any]]) -> list[PredictionResult]:
             if self._model_inference_fn is _BEAM_NUMPY_FN:
-                predictions = model.predict(timed_stack(stack, part), **args)
+                predictions = model.predict(numpy_batch(part), **args)
             else:
                 predictions = self._model_inference_fn(model, part, args)
             return prediction_results(part, predictions, self._model_uri)

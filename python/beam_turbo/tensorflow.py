@@ -29,11 +29,11 @@ from apache_beam.ml.inference.tensorflow_inference import ModelType
 
 from beam_turbo._inference import (
     loading_model,
+    numpy_batch,
     prediction_results,
     run_splitting_on_oom,
     timed_stack,
 )
-from beam_turbo._stacking import stack
 
 __all__ = ["ModelType", "TFModelHandlerNumpy", "TFModelHandlerTensor"]
 
@@ -69,7 +69,7 @@ class _TFRunner:
             with _on_device():
                 if self._inference_fn is not self._beam_default:
                     return list(self._inference_fn(model, part, args, self._model_uri))
-                predictions = model(timed_stack(self._stack, part), **args)
+                predictions = model(self._stack(part), **args)
             return prediction_results(part, predictions, self._model_uri)
 
         return run_splitting_on_oom(run, batch)
@@ -84,7 +84,7 @@ class TFModelHandlerNumpy(_TFRunner, beam_tf.TFModelHandlerNumpy):
     """Beam's ``TFModelHandlerNumpy``, faster; see the module docs."""
 
     _beam_default = staticmethod(beam_tf.default_numpy_inference_fn)
-    _stack = staticmethod(stack)
+    _stack = staticmethod(numpy_batch)
 
     def __init__(
         self,
@@ -141,7 +141,7 @@ class TFModelHandlerTensor(_TFRunner, beam_tf.TFModelHandlerTensor):
     _beam_default = staticmethod(beam_tf.default_tensor_inference_fn)
     # tf.stack reads eager tensors in one op, checks shapes and dtypes naming the offending
     # input, and is faster here than viewing each tensor from Python.
-    _stack = staticmethod(tf.stack)
+    _stack = staticmethod(functools.partial(timed_stack, tf.stack))
 
     def __init__(
         self,

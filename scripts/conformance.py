@@ -1,0 +1,144 @@
+"""Beam's own tests, run once on stock Beam and once with beam-turbo's classes in its place.
+
+Copies Beam's test files for RunInference, its handlers and ``BatchElements`` out of the
+installed ``apache_beam`` into ``--workdir``, beside a conftest that calls ``beam_turbo.patch()``
+when ``BEAM_TURBO_CONFORMANCE=turbo`` (so every Beam name the tests use, imported before or
+after, is beam-turbo's). Runs pytest on the copy twice, with junit reports, and fails unless:
+
+- every test passes on stock Beam (the harness itself is sound), and
+- every test that fails with beam-turbo is listed in the README's differences table.
+
+Usage: ``.venv/bin/python scripts/conformance.py [--workdir DIR] [-k EXPR]``; the exit status
+is 0 only when both hold. The last line is pytest's closing line for the turbo run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import apache_beam
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+#: Beam's test files (relative to the installed apache_beam) and the tests to run in each.
+BEAM_TESTS: dict[str, str | None] = {
+    "ml/inference/base_test.py": None,
+    "ml/inference/sklearn_inference_test.py": None,
+    "ml/inference/pytorch_inference_test.py": None,
+    "ml/inference/tensorflow_inference_test.py": None,
+    "transforms/util_test.py": "BatchElementsTest",
+}
+
+CONFTEST = '''\
+"""Written by scripts/conformance.py: beam-turbo's classes in place of Beam's, on request."""
+import os
+
+if os.environ.get("BEAM_TURBO_CONFORMANCE") == "turbo":
+    import beam_turbo
+
+    beam_turbo.patch()
+'''
+
+PYTEST_INI = """\
+[pytest]
+addopts = -p no:cacheprovider -p no:randomly
+filterwarnings = ignore::DeprecationWarning
+"""
+
+_LISTED = re.compile(r"^\|\s*`([\w./]+_test\.py::[\w:]+)`\s*\|")
+
+
+def listed_differences(readme: Path = README) -> set[str]:
+    """Test ids in the first column of the README's differences table."""
+    return {m.group(1) for line in readme.read_text().splitlines() if (m := _LISTED.match(line))}
+
+
+def copy_tests(workdir: Path) -> list[str]:
+    """Copy Beam's test files into ``workdir``; returns pytest's arguments selecting them."""
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    beam_root = Path(apache_beam.__file__).parent
+    args = []
+    for relative, selection in BEAM_TESTS.items():
+        source = beam_root / relative
+        target = workdir / source.name
+        shutil.copyfile(source, target)
+        args.append(f"{target.name}::{selection}" if selection else target.name)
+    (workdir / "conftest.py").write_text(CONFTEST)
+    (workdir / "pytest.ini").write_text(PYTEST_INI)
+    return args
+
+
+def run(workdir: Path, selection: list[str], mode: str, extra: list[str]) -> dict[str, str]:
+    """Run the copied tests with ``mode`` ('stock' or 'turbo'); test id -> outcome."""
+    report = workdir / f"{mode}.xml"
+    env = {**os.environ, "BEAM_TURBO_CONFORMANCE": mode}
+    print(f"\n=== Beam {apache_beam.__version__}'s tests, {mode}", flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", f"--junitxml={report}", *selection, *extra],
+        cwd=workdir,
+        env=env,
+        check=False,
+    )
+    if not report.exists():
+        raise SystemExit(f"conformance: pytest wrote no report for the {mode} run")
+    outcomes = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        module, *classes = case.get("classname", "").split(".")
+        test_id = "::".join([f"{module}.py", *classes, case.get("name", "")])
+        kinds = {child.tag for child in case}
+        if kinds & {"failure", "error"}:
+            outcomes[test_id] = "failed"
+        elif "skipped" in kinds:
+            outcomes[test_id] = "skipped"
+        else:
+            outcomes[test_id] = "passed"
+    return outcomes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=ROOT / "target" / "conformance")
+    parser.add_argument("--turbo-only", action="store_true", help="skip the stock run")
+    parser.add_argument("pytest_args", nargs="*", help="more arguments for pytest (e.g. -k)")
+    options = parser.parse_args()
+    selection = copy_tests(options.workdir)
+    listed = listed_differences()
+    problems = []
+    if not options.turbo_only:
+        stock = run(options.workdir, selection, "stock", options.pytest_args)
+        broken = sorted(t for t, outcome in stock.items() if outcome == "failed")
+        problems += [f"fails on stock Beam (the harness is wrong): {t}" for t in broken]
+    turbo = run(options.workdir, selection, "turbo", options.pytest_args)
+    failed = {t for t, outcome in turbo.items() if outcome == "failed"}
+    problems += [
+        f"fails with beam-turbo, not a listed difference: {t}" for t in sorted(failed - listed)
+    ]
+    stale = sorted(listed - failed)
+    for test_id in stale:
+        print(f"note: listed difference passes now (remove it from the README): {test_id}")
+    counts = {o: sum(1 for v in turbo.values() if v == o) for o in ("passed", "failed", "skipped")}
+    print(
+        f"\nbeam-turbo on Beam {apache_beam.__version__}'s tests: {len(turbo)} tests, "
+        f"{len(failed & listed)} listed differences"
+    )
+    for problem in problems:
+        print(problem)
+    print(
+        f"conformance: {counts['passed']} passed, {len(problems)} failed, "
+        f"{counts['skipped']} skipped"
+    )
+    return 1 if problems or not turbo else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""``patch()`` imports no framework the pipeline does not import, and covers the handler modules
+imported after it. Each case runs in a fresh interpreter: imports are process state."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+FRAMEWORKS = ("tensorflow", "torch", "sklearn", "tf_keras", "keras")
+
+
+def _run(script: str) -> dict[str, object]:
+    """Run ``script`` in a fresh interpreter; it prints one JSON object as its last line."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+_LOADED = f"[m for m in {FRAMEWORKS!r} if m in sys.modules]"
+
+
+@pytest.mark.parametrize(
+    "pipeline_import",
+    [
+        "from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy as H",
+        "from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor as H",
+    ],
+)
+def test_patch_imports_no_framework_that_stock_beam_does_not(pipeline_import: str) -> None:
+    stock = _run(
+        f"""
+        import json, sys
+        from apache_beam.ml.inference.base import RunInference
+        {pipeline_import}
+        print(json.dumps({{"loaded": {_LOADED}}}))
+        """
+    )
+    patched = _run(
+        f"""
+        import json, sys
+        import beam_turbo
+        beam_turbo.patch()
+        after_patch = {_LOADED}
+        from apache_beam.ml.inference.base import RunInference
+        {pipeline_import}
+        print(json.dumps({{
+            "after_patch": after_patch,
+            "loaded": {_LOADED},
+            "ours": H.__module__,
+            "run_inference": RunInference is beam_turbo.RunInference,
+        }}))
+        """
+    )
+    assert patched["loaded"] == stock["loaded"]
+    assert "tensorflow" not in patched["loaded"]  # type: ignore[operator]
+    assert patched["ours"].startswith("beam_turbo.")  # type: ignore[attr-defined]
+    assert patched["run_inference"] is True
+
+
+def test_handlers_imported_after_patch_are_beam_turbos_until_unpatch() -> None:
+    result = _run(
+        """
+        import json, sys
+        import beam_turbo
+        beam_turbo.patch()
+        from apache_beam.ml.inference import sklearn_inference
+        patched = sklearn_inference.SklearnModelHandlerPandas.__module__
+        beam_turbo.unpatch()
+        restored = sklearn_inference.SklearnModelHandlerPandas.__module__
+        import apache_beam.ml.inference.tensorflow_inference as tf_inference
+        print(json.dumps({
+            "patched": patched,
+            "restored": restored,
+            "after_unpatch": tf_inference.TFModelHandlerNumpy.__module__,
+            "is_patched": beam_turbo._patch.is_patched(),
+        }))
+        """
+    )
+    assert result == {
+        "patched": "beam_turbo.sklearn",
+        "restored": "apache_beam.ml.inference.sklearn_inference",
+        "after_unpatch": "apache_beam.ml.inference.tensorflow_inference",
+        "is_patched": False,
+    }

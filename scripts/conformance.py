@@ -50,7 +50,10 @@ if os.environ.get("BEAM_TURBO_CONFORMANCE") == "turbo":
 PYTEST_INI = """\
 [pytest]
 addopts = -p no:cacheprovider -p no:randomly
-filterwarnings = ignore::DeprecationWarning
+filterwarnings =
+    ignore::DeprecationWarning
+    ignore::pytest.PytestUnknownMarkWarning
+    ignore::pytest.PytestCollectionWarning
 """
 
 _LISTED = re.compile(r"^\|\s*`([\w./]+_test\.py::[\w:]+)`\s*\|")
@@ -111,6 +114,7 @@ def main() -> int:
     parser.add_argument("--turbo-only", action="store_true", help="skip the stock run")
     parser.add_argument("pytest_args", nargs="*", help="more arguments for pytest (e.g. -k)")
     options = parser.parse_args()
+    options.workdir = options.workdir.resolve()  # pytest runs inside it
     selection = copy_tests(options.workdir)
     listed = listed_differences()
     problems = []

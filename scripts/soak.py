@@ -1,4 +1,4 @@
-"""Soak and fault injection: the figures of RELIABILITY.md.
+"""Soak and fault injection: the figures of docs/reliability.md.
 
 Three parts, each optional:
 

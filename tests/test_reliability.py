@@ -2,7 +2,7 @@
 
 Hostile input gets a clear exception (a ``BeamTurboError`` that is also a ``ValueError`` or
 ``TypeError``) or a correct result, with numpy as the oracle; nothing may crash the process.
-The core's own coverage-guided fuzzing lives in ``fuzz/`` (see RELIABILITY.md).
+The core's own coverage-guided fuzzing lives in ``fuzz/`` (see docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ def test_a_grandchild_after_two_forks_still_works() -> None:
 def test_a_short_soak_loses_nothing_and_gets_every_result_right(tmp_path: Path) -> None:
     """scripts/soak.py at a small size: the pipeline counts every element out, sixteen
     threads' stack and ModelCache results are all right, and no fault loses or duplicates
-    an element. (Resident memory is judged on the full run; see RELIABILITY.md.)"""
+    an element. (Resident memory is judged on the full run; see docs/reliability.md.)"""
     script = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
     result = subprocess.run(
         [

@@ -1,5 +1,8 @@
 """beam-turbo: a Rust-accelerated batching core for Apache Beam's RunInference.
 
+``import beam_turbo`` imports neither Beam nor any ML framework: ``RunInference`` and
+``BatchElements`` (which import Beam) load on first use.
+
 Example:
     >>> import numpy as np, beam_turbo
     >>> beam_turbo.stack([np.zeros(4, np.float32)] * 8).shape
@@ -8,14 +11,18 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from beam_turbo import errors
 from beam_turbo._native import BatchSizer, ModelCache
 from beam_turbo._patch import patch, unpatch
 from beam_turbo._stacking import set_pool_limit, stack
-from beam_turbo.batching import BatchElements
-from beam_turbo.inference import RunInference
+
+if TYPE_CHECKING:
+    from beam_turbo.batching import BatchElements
+    from beam_turbo.inference import RunInference
 
 try:
     __version__ = version("beam-turbo")
@@ -34,3 +41,15 @@ __all__ = [
     "stack",
     "unpatch",
 ]
+
+# The names that import Beam, loaded on first use (PEP 562).
+_LAZY = {"BatchElements": "beam_turbo.batching", "RunInference": "beam_turbo.inference"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'beam_turbo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -124,9 +124,7 @@ SHAPE_HINT = (
 _STACK_PAD_ADVICE = "; pass pad= to stack arrays of different shapes"
 
 
-def beams_conversion(
-    convert: Callable[..., R], batch: Sequence[Any], fast_error: Exception
-) -> R:
+def beams_conversion(convert: Callable[..., R], batch: Sequence[Any], fast_error: Exception) -> R:
     """``convert(batch)`` where ``convert`` is the conversion Beam's handler makes
     (``numpy.stack``, ``torch.stack``), for a batch the fast path refused with ``fast_error``:
     Beam's results, and Beam's errors. A shape mismatch keeps Beam's error type and words,

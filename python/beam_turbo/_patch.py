@@ -64,6 +64,8 @@ _REPLACEMENTS: dict[str, list[tuple[str, str, str]]] = {
     },
 }
 
+_BEAM_MODULES = [name for name in _REPLACEMENTS if not name.endswith("_inference")]
+
 _LOCK = threading.RLock()
 _ORIGINALS: dict[tuple[str, str], Any] = {}
 _active = False
@@ -85,6 +87,11 @@ def patch() -> list[str]:
         False
     """
     global _active
+    # Beam's own modules are imported now, as every RunInference pipeline imports them (a hook
+    # on them would run beam-turbo's modules while apache_beam is half initialized); the
+    # frameworks' handler modules are left to the hook.
+    for module_name in _BEAM_MODULES:
+        importlib.import_module(module_name)
     with _LOCK:
         _active = True
         if _HOOK not in sys.meta_path:
@@ -137,7 +144,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in _REPLACEMENTS or not _active:
+        if fullname not in _REPLACEMENTS or fullname in _BEAM_MODULES or not _active:
             return None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)

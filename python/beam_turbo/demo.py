@@ -56,7 +56,10 @@ def _with_progress(label: str, work: Callable[[], float]) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
-        "--framework", choices=["sklearn", "torch", "torch-mlp", "tensorflow"], default="sklearn"
+        "--framework",
+        choices=["sklearn", "torch", "torch-mlp", "tensorflow"],
+        default="sklearn",
+        help="the model to run",
     )
     parser.add_argument(
         "--elements", type=int, default=200_000, help="elements to time (at least 100,000)"

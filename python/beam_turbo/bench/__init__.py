@@ -2,15 +2,28 @@
 in the same run and prints ratios, so the figures hold on whatever machine runs them.
 
 Each benchmark module has ``add_arguments(parser)`` and ``run(args) -> int``; ``BENCHMARKS``
-maps the subcommand name to its module.
+maps the subcommand name to its module and one line of help (here, so that ``--help`` need
+not import the modules, which import Beam and the frameworks).
 """
 
 from __future__ import annotations
 
-BENCHMARKS: dict[str, str] = {
-    "cache": "beam_turbo.bench.cache",
-    "batching": "beam_turbo.bench.batching",
-    "stack": "beam_turbo.bench.stack",
-    "handlers": "beam_turbo.bench.handlers",
-    "e2e": "beam_turbo.bench.e2e",
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "cache": (
+        "beam_turbo.bench.cache",
+        "ModelCache hits against Beam's Shared and a dict-and-lock cache, and two threads",
+    ),
+    "batching": (
+        "beam_turbo.bench.batching",
+        "BatchSizer against Beam's _BatchSizeEstimator on one simulated clock, 7 scenarios",
+    ),
+    "stack": ("beam_turbo.bench.stack", "beam_turbo.stack against numpy and torch, as ratios"),
+    "handlers": (
+        "beam_turbo.bench.handlers",
+        "beam-turbo's model handlers against Beam's, per batch of 1,024",
+    ),
+    "e2e": (
+        "beam_turbo.bench.e2e",
+        "one RunInference pipeline with stock Beam and with beam-turbo, end to end",
+    ),
 }

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
-use crate::errors::{PyCoreError, ReleaseGil};
+use crate::error::{PyCoreError, ReleaseGil};
 
 type Core = cache::ModelCache<PyKey, PyTag, Py<PyAny>, PyErr>;
 

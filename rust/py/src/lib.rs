@@ -3,9 +3,9 @@
 //! the result; the decisions live in the core.
 
 mod cache;
-mod errors;
+mod error;
 mod sizer;
-mod stacking;
+mod stack;
 
 use pyo3::prelude::*;
 
@@ -16,5 +16,5 @@ mod _native {
     #[pymodule_export]
     use crate::sizer::BatchSizer;
     #[pymodule_export]
-    use crate::stacking::{BatchMemory, check_bounds, empty, first_unlike, pool_usage, set_pool_limit, stack};
+    use crate::stack::{BatchMemory, check_bounds, empty, first_unlike, pool_usage, set_pool_limit, stack};
 }

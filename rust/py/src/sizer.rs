@@ -6,7 +6,7 @@ use beam_turbo_core::sizer::{self, Config};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple, PyType};
 
-use crate::errors::PyCoreError;
+use crate::error::PyCoreError;
 
 /// Chooses batch sizes from the timings of finished batches, for Beam's batching targets.
 ///

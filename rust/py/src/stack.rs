@@ -12,7 +12,7 @@ use pyo3::exceptions::{PyOverflowError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyList, PyString, PyTuple};
 
-use crate::errors::{PyCoreError, detached};
+use crate::error::{PyCoreError, detached};
 
 /// The memory of a batch made by `stack`; numpy arrays refer to it as their `base`, and the
 /// buffer is freed (or pooled) when the last of them dies.

@@ -31,6 +31,8 @@ from beam_turbo._beam_internals import (
     UnsupportedBeamVersionError,
     check_beam_version,
 )
+from beam_turbo._native import BatchSizer
+from beam_turbo._sizing import Sizing, unit_weight
 from beam_turbo.errors import InvalidInputError
 
 
@@ -316,7 +318,9 @@ def test_memory_failure_reporter_is_picklable_and_harmless_elsewhere() -> None:
     again = pickle.loads(pickle.dumps(report))
     assert again == report
     again(100)  # no batching DoFn of that transform here: nothing to tell
-    assert batching._take_memory_failures(report.key) == [100]
+    sizing = Sizing(BatchSizer(), key=report.key)
+    assert sizing.take_reported_failures()
+    assert sizing.sizer.failures == 1
 
 
 # --- properties, on the DoFns directly (fast) ------------------------------------------------
@@ -371,7 +375,7 @@ def test_every_element_once_within_limits_never_mixed(
 ) -> None:
     low, high = bounds
     items = [(i, (i * 7 + seed) % windows) for i in range(len(weights))]
-    weight_of: Callable[[int], int] = (lambda i: weights[i]) if weighted else batching.unit_weight
+    weight_of: Callable[[int], int] = (lambda i: weights[i]) if weighted else unit_weight
     clock = FakeClock()
     transform = BatchElements(
         min_batch_size=low,
@@ -382,14 +386,14 @@ def test_every_element_once_within_limits_never_mixed(
         record_metrics=False,
     )
     timing = batching._Timing(clock, record_metrics=False)
-    args = (transform._sizer, transform._sizer_key, weight_of, cap, timing)
     windowed = windows > 1
     if windowed:
-        dofn: beam.DoFn = batching._WindowAwareBatchingDoFn(*args)
+        dofn_class: type[batching._BatchingDoFn] = batching._WindowAwareBatchingDoFn
     elif weighted:
-        dofn = batching._BatchingDoFn(*args)
+        dofn_class = batching._BatchingDoFn
     else:
-        dofn = batching._UnitBatchingDoFn(*args)
+        dofn_class = batching._UnitBatchingDoFn
+    dofn = dofn_class(sizing=transform._sizing, timing=timing)
     out = batches_of(dofn, items, windowed, clock, bundles)
 
     window_of = dict(items)

@@ -612,7 +612,7 @@ def test_the_cyclic_collector_pauses_for_a_batch_and_comes_back_as_it_was(
 def test_cyclic_gc_pauses_nest_and_restore_the_state() -> None:
     import gc
 
-    from beam_turbo._inference import cyclic_gc_paused
+    from beam_turbo._gc import cyclic_gc_paused
 
     assert gc.isenabled()
     with cyclic_gc_paused():
@@ -721,7 +721,7 @@ def test_a_failing_pipeline_leaves_the_cyclic_collector_enabled() -> None:
 def test_a_gc_hold_is_taken_and_given_back_once() -> None:
     import gc
 
-    from beam_turbo._inference import GcHold, resume_cyclic_gc
+    from beam_turbo._gc import GcHold, resume_cyclic_gc
 
     hold = GcHold()
     hold.take()
@@ -756,7 +756,7 @@ def test_overlapping_pauses_still_collect_now_and_then(monkeypatch: pytest.Monke
     collection once they have kept the collector off for MAX_GC_PAUSE_SECS."""
     import gc
 
-    from beam_turbo import _inference
+    from beam_turbo import _gc
 
     collections: list[int] = []
 
@@ -766,11 +766,11 @@ def test_overlapping_pauses_still_collect_now_and_then(monkeypatch: pytest.Monke
 
     gc.callbacks.append(count)
     try:
-        first, second = _inference.GcHold(), _inference.GcHold()
+        first, second = _gc.GcHold(), _gc.GcHold()
         first.take()
         second.take()  # within the limit: no collection
         assert collections == []
-        monkeypatch.setattr(_inference, "MAX_GC_PAUSE_SECS", 0.0)
+        monkeypatch.setattr(_gc, "MAX_GC_PAUSE_SECS", 0.0)
         second.give_back()
         second.take()  # the pause has gone on past the limit
         assert collections == [2]

@@ -22,11 +22,8 @@ deliberate:
 
 from __future__ import annotations
 
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -45,72 +42,17 @@ from apache_beam.transforms.userstate import (
 )
 
 from beam_turbo import _beam_internals as internals
-from beam_turbo._native import BatchSizer
+from beam_turbo._sizing import (
+    NO_OUTPUT,
+    MemoryFailureReporter,
+    SizedBatch,
+    Sizing,
+    WindowBatches,
+    unit_weight,
+)
 from beam_turbo.errors import InvalidInputError
 
-__all__ = ["BatchElements", "MemoryFailureReporter", "SizedBatch", "WindowBatches"]
-
-
-#: What ``process`` returns for an element that completes no batch: nothing to emit. (Named,
-#: because Beam warns about DoFns whose source says ``return None``.)
-_NO_OUTPUT = None
-
-
-def unit_weight(element: Any) -> int:
-    """Every element weighs 1 (Beam's default ``element_size_fn``)."""
-    return 1
-
-
-_REGISTRY_LOCK = threading.Lock()
-#: This process's sizer of each BatchElements (by key): its DoFn instances (threads, bundles,
-#: a DoFn rebuilt after a failed bundle) share what it learned.
-_SIZERS: dict[str, BatchSizer] = {}
-#: Memory failures reported downstream, by BatchElements key, not yet told to its sizer.
-_MEMORY_FAILURES: dict[str, list[float]] = {}
-
-
-def _shared_sizer(key: str, initial: BatchSizer) -> BatchSizer:
-    with _REGISTRY_LOCK:
-        return _SIZERS.setdefault(key, initial)
-
-
-def _take_memory_failures(key: str) -> list[float]:
-    if not _MEMORY_FAILURES:  # the common case, without the lock
-        return []
-    with _REGISTRY_LOCK:
-        return _MEMORY_FAILURES.pop(key, [])
-
-
-@dataclass(frozen=True)
-class MemoryFailureReporter:
-    """Tells a :class:`BatchElements` that a batch of ``size`` ran out of memory downstream.
-
-    Made by :meth:`BatchElements.memory_failure_reporter`; picklable, so the work downstream
-    (an inference DoFn that splits a batch after a CUDA out-of-memory error) can take it to the
-    workers. ``size`` is in the batch-size units: elements, or total weight with
-    ``element_size_fn``. The batching DoFn fused upstream, in the same process, hears of it
-    when the batch returns: that batch's time is not recorded, and the sizer will not propose
-    that size again (see :class:`BatchSizer`). Elsewhere, calling it does nothing.
-
-    Example:
-        >>> from beam_turbo import BatchElements
-        >>> report = BatchElements().memory_failure_reporter()
-        >>> report(4096)  # in the DoFn that ran out of memory on a batch of 4096
-    """
-
-    key: str
-
-    def __call__(self, size: float) -> None:
-        with _REGISTRY_LOCK:
-            _MEMORY_FAILURES.setdefault(self.key, []).append(size)
-
-
-def _tell_sizer(sizer: BatchSizer, key: str) -> bool:
-    """Passes the memory failures reported for ``key`` to ``sizer``; true if there were any."""
-    failures = _take_memory_failures(key)
-    for size in failures:
-        sizer.record_failure(size, memory=True)
-    return bool(failures)
+__all__ = ["BatchElements"]
 
 
 class _Timing:
@@ -139,16 +81,17 @@ class _Timing:
     def now(self) -> Any:
         return self._clock()
 
-    def done(self, sizer: BatchSizer | None, weight: float, start: Any) -> None:
-        """A batch of ``weight`` emitted at ``start`` was processed downstream."""
+    def done(self, sizing: Sizing | None, weight: float, start: Any) -> None:
+        """A batch of ``weight`` emitted at ``start`` was processed downstream; ``sizing``
+        learns its time (None: the time says nothing, as after a memory failure)."""
         elapsed = float(self._clock() - start)
         msecs = 1e3 * elapsed + self._remainder_msecs
         self._remainder_msecs = msecs - int(msecs)
         if self._sizes is not None:
             self._sizes.update(int(weight))
             self._times.update(int(msecs))
-        if sizer is not None:
-            sizer.record(weight, elapsed)
+        if sizing is not None:
+            sizing.record(weight, elapsed)
 
     def __getstate__(self) -> dict[str, Any]:
         # Metric cells are per worker: made again in setup().
@@ -158,18 +101,8 @@ class _Timing:
 class _BatchingDoFn(beam.DoFn):
     """Batches the elements of a bundle in the global window."""
 
-    def __init__(
-        self,
-        sizer: BatchSizer,
-        key: str,
-        element_size_fn: Callable[[Any], float],
-        max_batch_weight: float | None,
-        timing: _Timing,
-    ) -> None:
-        self._sizer = sizer
-        self._key = key
-        self._weigh = element_size_fn
-        self._max_weight = float("inf") if max_batch_weight is None else max_batch_weight
+    def __init__(self, *, sizing: Sizing, timing: _Timing) -> None:
+        self._sizing = sizing
         self._timing = timing
         self._untimed = True
         self._batch: list[Any] = []
@@ -178,15 +111,12 @@ class _BatchingDoFn(beam.DoFn):
 
     def setup(self) -> None:
         self._timing.setup()
-        self._sizer = _shared_sizer(self._key, self._sizer)
+        self._sizing = self._sizing.shared()
         # Downstream setup (loading a model) would make the first timing meaningless.
         self._untimed = True
 
-    def _capped_target(self) -> float:
-        return min(self._sizer.next_size(), self._max_weight)
-
     def _next_target(self) -> None:
-        self._target = self._capped_target()
+        self._target = self._sizing.target()
 
     def start_bundle(self) -> None:
         self._batch = []
@@ -198,16 +128,16 @@ class _BatchingDoFn(beam.DoFn):
         downstream took on it, or of the memory failures that work reported."""
         start = self._timing.now()
         yield batch
-        failed = _tell_sizer(self._sizer, self._key)
-        self._timing.done(None if self._untimed or failed else self._sizer, weight, start)
+        failed = self._sizing.take_reported_failures()
+        self._timing.done(None if self._untimed or failed else self._sizing, weight, start)
         self._untimed = False
 
     def _emit(self, batch: list[Any], weight: float) -> Iterator[Any]:
         yield from self._timed(internals.at_end_of_global_window(batch), weight)
         self._next_target()
 
-    def process(self, element: Any) -> Iterator[Any] | None:
-        weight = self._weigh(element)
+    def process(self, element: Any) -> Iterable[Any]:
+        weight = self._sizing.element_weight(element)
         if self._batch and self._weight + weight > self._target:
             full, full_weight = self._batch, self._weight
             self._batch, self._weight = [], 0
@@ -218,7 +148,7 @@ class _BatchingDoFn(beam.DoFn):
             full, full_weight = self._batch, self._weight
             self._batch, self._weight = [], 0
             return self._emit(full, full_weight)
-        return _NO_OUTPUT
+        return NO_OUTPUT
 
     def _emit_then_add(
         self, full: list[Any], full_weight: float, element: Any, weight: float
@@ -243,13 +173,13 @@ class _BatchingDoFn(beam.DoFn):
 class _UnitBatchingDoFn(_BatchingDoFn):
     """:class:`_BatchingDoFn` for elements that all weigh 1: no per-element call."""
 
-    def process(self, element: Any) -> Iterator[Any] | None:
+    def process(self, element: Any) -> Iterable[Any]:
         batch = self._batch
         batch.append(element)
         if len(batch) >= self._target:
             self._batch = []
             return self._emit(batch, len(batch))
-        return _NO_OUTPUT
+        return NO_OUTPUT
 
     def finish_bundle(self) -> Iterator[Any]:
         if self._batch:
@@ -257,72 +187,11 @@ class _UnitBatchingDoFn(_BatchingDoFn):
             yield from self._emit(batch, len(batch))
 
 
-class SizedBatch:
-    """The elements of one batch being gathered, their total weight, and the weight at which
-    the batch is full (chosen when it starts)."""
-
-    __slots__ = ("elements", "target", "weight")
-
-    def __init__(self, target: float) -> None:
-        self.elements: list[Any] = []
-        self.weight: float = 0.0
-        self.target = target
-
-
-class WindowBatches:
-    """The batches being gathered, one per window, by the policy that ``BatchElements`` and
-    ``RunInference``'s fused DoFn share: a batch is full at its target weight; an element that
-    does not fit sends the batch so far out first (so one heavier than the target goes out
-    alone, never after an empty batch); at most ``MAX_LIVE_WINDOWS`` batches are held, then
-    the fullest goes out.
-
-    ``next_target()`` gives each new batch its target; it is asked only after the batches
-    given out before have been emitted, so that it can learn from them.
-    """
-
-    __slots__ = ("_next_target", "_weigh", "batches")
-
-    def __init__(self, weigh: Callable[[Any], float], next_target: Callable[[], float]) -> None:
-        self._weigh = weigh
-        self._next_target = next_target
-        self.batches: dict[Any, SizedBatch] = {}
-
-    def start(self, window: Any) -> SizedBatch:
-        """A new, empty batch for ``window``."""
-        batch = self.batches[window] = SizedBatch(self._next_target())
-        return batch
-
-    def add(self, element: Any, window: Any) -> Iterator[tuple[Any, SizedBatch]]:
-        """Add ``element`` to its window's batch, giving out each batch that is full (or the
-        fullest, past the window limit) as ``(window, batch)``: emit it before going on."""
-        weight = self._weigh(element)
-        batch = self.batches.get(window)
-        if batch is not None and batch.elements and batch.weight + weight > batch.target:
-            del self.batches[window]
-            yield window, batch
-            batch = None
-        if batch is None:
-            batch = self.start(window)
-        batch.elements.append(element)
-        batch.weight += weight
-        if batch.weight >= batch.target:
-            del self.batches[window]
-            yield window, batch
-        elif len(self.batches) > internals.MAX_LIVE_WINDOWS:
-            fullest = max(self.batches, key=lambda w: self.batches[w].weight)
-            yield fullest, self.batches.pop(fullest)
-
-    def drain(self) -> Iterator[tuple[Any, SizedBatch]]:
-        """Every batch still gathering (at the end of a bundle)."""
-        batches, self.batches = self.batches, {}
-        yield from batches.items()
-
-
 class _WindowAwareBatchingDoFn(_BatchingDoFn):
     """Batches per window (:class:`WindowBatches`)."""
 
     def start_bundle(self) -> None:
-        self._windows = WindowBatches(self._weigh, self._capped_target)
+        self._windows = WindowBatches(self._sizing)
 
     def _emit_in(self, win: Any, batch: SizedBatch) -> Iterator[Any]:
         value = internals.WindowedValue(batch.elements, win.max_timestamp(), (win,))
@@ -354,13 +223,7 @@ class _SumWeights(beam.CombineFn):
 
 
 def _stateful_batching_dofn(
-    input_coder: coders.Coder,
-    sizer: BatchSizer,
-    key: str,
-    element_size_fn: Callable[[Any], float],
-    max_batch_weight: float | None,
-    max_buffering_secs: float,
-    timing: _Timing,
+    *, input_coder: coders.Coder, sizing: Sizing, max_buffering_secs: float, timing: _Timing
 ) -> beam.DoFn:
     """Beam's stateful batching (batches across bundles, flushed by size, window end or a
     processing-time limit), with the sizer kept in state and element weights honoured."""
@@ -371,7 +234,6 @@ def _stateful_batching_dofn(
     sizer_state = ReadModifyWriteStateSpec("batch_estimator", coders.PickleCoder())
     window_timer = TimerSpec("window_end", TimeDomain.WATERMARK)
     buffering_timer = TimerSpec("buffering_end", TimeDomain.REAL_TIME)
-    max_weight = float("inf") if max_batch_weight is None else max_batch_weight
 
     class _StatefulBatchingDoFn(beam.DoFn):
         def setup(self) -> None:
@@ -391,11 +253,11 @@ def _stateful_batching_dofn(
         ) -> Iterator[Any]:
             window_end.set(win.end)
             value = element[1]  # the key only spreads the work; batches hold the values
-            element_weight = element_size_fn(value)
+            element_weight = sizing.element_weight(value)
             goal = target.read()
             if goal is None:
-                sizer_in_state.write(sizer)
-                goal = min(sizer.next_size(), max_weight)
+                sizer_in_state.write(sizing.sizer)
+                goal = sizing.target()
                 target.write(goal)
             state = (elements, count, weight, target, sizer_in_state, buffering_end)
             if count.read() and weight.read() + element_weight > goal:
@@ -449,13 +311,13 @@ def _stateful_batching_dofn(
             elements.clear()
             count.clear()
             weight.clear()
-            state_sizer = sizer_in_state.read() or sizer
+            in_state = sizing.using(sizer_in_state.read() or sizing.sizer)
             start = timing.now()
             yield batch
-            failed = _tell_sizer(state_sizer, key)
-            timing.done(None if failed else state_sizer, batch_weight, start)
-            target.write(min(state_sizer.next_size(), max_weight))
-            sizer_in_state.write(state_sizer)
+            failed = in_state.take_reported_failures()
+            timing.done(None if failed else in_state, batch_weight, start)
+            target.write(in_state.target())
+            sizer_in_state.write(in_state.sizer)
             buffering_end.clear()
 
     return _StatefulBatchingDoFn()
@@ -550,20 +412,20 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
             )
         if max_batch_weight is not None and not max_batch_weight > 0:
             raise InvalidInputError(f"max_batch_weight ({max_batch_weight}) must be positive")
-        self._sizer = BatchSizer(
-            min_batch_size=min_batch_size,
-            max_batch_size=max_batch_size,
-            target_batch_overhead=target_batch_overhead,
-            target_batch_duration_secs=target_batch_duration_secs,
-            target_batch_duration_secs_including_fixed_cost=(
-                target_batch_duration_secs_including_fixed_cost
-            ),
-            variance=variance,
+        self._sizing = Sizing.from_batching_args(
+            {
+                "min_batch_size": min_batch_size,
+                "max_batch_size": max_batch_size,
+                "target_batch_overhead": target_batch_overhead,
+                "target_batch_duration_secs": target_batch_duration_secs,
+                "target_batch_duration_secs_including_fixed_cost": (
+                    target_batch_duration_secs_including_fixed_cost
+                ),
+                "variance": variance,
+                "element_size_fn": element_size_fn,
+                "max_batch_weight": max_batch_weight,
+            }
         )
-        # Names this transform's sizer in each worker process (see memory_failure_reporter).
-        self._sizer_key = uuid.uuid4().hex
-        self._element_size_fn = element_size_fn
-        self._max_batch_weight = max_batch_weight
         self._max_batch_dur = max_batch_duration_secs
         self._clock = clock
         self._record_metrics = record_metrics
@@ -583,7 +445,7 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
             >>> report = batching.memory_failure_reporter()
             >>> report(512)  # where a batch of 512 raised CUDA's out-of-memory error
         """
-        return MemoryFailureReporter(self._sizer_key)
+        return self._sizing.reporter()
 
     def expand(self, pcoll: PCollection[Any]) -> PCollection[list[Any]]:
         timing = _Timing(self._clock, self._record_metrics)
@@ -600,22 +462,19 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
                 | "Batch"
                 >> _pardo(
                     _stateful_batching_dofn(
-                        coder,
-                        self._sizer,
-                        self._sizer_key,
-                        self._element_size_fn,
-                        self._max_batch_weight,
-                        self._max_batch_dur,
-                        timing,
+                        input_coder=coder,
+                        sizing=self._sizing,
+                        max_buffering_secs=self._max_batch_dur,
+                        timing=timing,
                     )
                 )
             )
             return batches
-        args = (self._sizer, self._sizer_key, self._element_size_fn, self._max_batch_weight, timing)
         if not pcoll.windowing.is_default():
-            batches = pcoll | _pardo(_WindowAwareBatchingDoFn(*args))
-        elif self._element_size_fn is unit_weight:
-            batches = pcoll | _pardo(_UnitBatchingDoFn(*args))
+            dofn_class: type[_BatchingDoFn] = _WindowAwareBatchingDoFn
+        elif self._sizing.weigh is None:
+            dofn_class = _UnitBatchingDoFn
         else:
-            batches = pcoll | _pardo(_BatchingDoFn(*args))
+            dofn_class = _BatchingDoFn
+        batches = pcoll | _pardo(dofn_class(sizing=self._sizing, timing=timing))
         return batches

@@ -37,14 +37,10 @@ import torch
 from apache_beam.ml.inference import pytorch_inference as beam_pytorch
 from apache_beam.ml.inference.base import PredictionResult
 
-from beam_turbo._inference import (
-    ByteSizeMemo,
-    beams_conversion,
-    loading_model,
-    prediction_results,
-    run_splitting_on_oom,
-    timed_stack,
-)
+from beam_turbo._batch import ByteSizeMemo, beams_conversion, timed_stack
+from beam_turbo._loading import loading_model
+from beam_turbo._oom import run_splitting_on_oom
+from beam_turbo._results import prediction_results
 from beam_turbo._stacking import stack
 from beam_turbo.errors import InvalidInputError, InvalidTypeError, ModelLoadError
 

@@ -14,7 +14,7 @@ pass. Byte sizes are Beam's figures. A missing or corrupt model file fails with 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,12 +23,10 @@ from apache_beam.ml.inference import sklearn_inference as beam_sklearn
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.sklearn_inference import ModelFileType
 
-from beam_turbo._inference import (
-    loading_model,
-    numpy_batch,
-    prediction_results,
-    run_splitting_on_oom,
-)
+from beam_turbo._batch import numpy_batch
+from beam_turbo._loading import loading_model
+from beam_turbo._oom import run_splitting_on_oom
+from beam_turbo._results import prediction_results
 
 __all__ = ["ModelFileType", "SklearnModelHandlerNumpy", "SklearnModelHandlerPandas"]
 
@@ -51,39 +49,6 @@ class SklearnModelHandlerNumpy(beam_sklearn.SklearnModelHandlerNumpy):
         ...     [np.array([0.5]), np.array([2.0])], handler.load_model())]
         [1.0, 4.0]
     """
-
-    def __init__(
-        self,
-        model_uri: str,
-        model_file_type: ModelFileType = ModelFileType.PICKLE,
-        *,
-        inference_fn: beam_sklearn.NumpyInferenceFn = _BEAM_NUMPY_FN,
-        min_batch_size: int | None = None,
-        max_batch_size: int | None = None,
-        max_batch_duration_secs: int | None = None,
-        large_model: bool = False,
-        model_copies: int | None = None,
-        max_batch_weight: int | None = None,
-        element_size_fn: Callable[[Any], int] | None = None,
-        batch_length_fn: Callable[[Any], int] | None = None,
-        batch_bucket_boundaries: list[int] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model_uri,
-            model_file_type,
-            inference_fn=inference_fn,
-            min_batch_size=min_batch_size,
-            max_batch_size=max_batch_size,
-            max_batch_duration_secs=max_batch_duration_secs,
-            large_model=large_model,
-            model_copies=model_copies,
-            max_batch_weight=max_batch_weight,
-            element_size_fn=element_size_fn,
-            batch_length_fn=batch_length_fn,
-            batch_bucket_boundaries=batch_bucket_boundaries,
-            **kwargs,
-        )
 
     def load_model(self) -> Any:
         """Load the pickled or joblib model; a missing or corrupt file names its path."""
@@ -113,39 +78,6 @@ class SklearnModelHandlerPandas(beam_sklearn.SklearnModelHandlerPandas):
     """Beam's ``SklearnModelHandlerPandas``, faster: the batch is concatenated once and each
     result's example is the single-row frame it came from, with no per-row ``iloc``.
     """
-
-    def __init__(
-        self,
-        model_uri: str,
-        model_file_type: ModelFileType = ModelFileType.PICKLE,
-        *,
-        inference_fn: beam_sklearn.PandasInferenceFn = _BEAM_PANDAS_FN,
-        min_batch_size: int | None = None,
-        max_batch_size: int | None = None,
-        max_batch_duration_secs: int | None = None,
-        large_model: bool = False,
-        model_copies: int | None = None,
-        max_batch_weight: int | None = None,
-        element_size_fn: Callable[[Any], int] | None = None,
-        batch_length_fn: Callable[[Any], int] | None = None,
-        batch_bucket_boundaries: list[int] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model_uri,
-            model_file_type,
-            inference_fn=inference_fn,
-            min_batch_size=min_batch_size,
-            max_batch_size=max_batch_size,
-            max_batch_duration_secs=max_batch_duration_secs,
-            large_model=large_model,
-            model_copies=model_copies,
-            max_batch_weight=max_batch_weight,
-            element_size_fn=element_size_fn,
-            batch_length_fn=batch_length_fn,
-            batch_bucket_boundaries=batch_bucket_boundaries,
-            **kwargs,
-        )
 
     def load_model(self) -> Any:
         """Load the pickled or joblib model; a missing or corrupt file names its path."""

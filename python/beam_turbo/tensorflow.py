@@ -27,13 +27,10 @@ from apache_beam.ml.inference import tensorflow_inference as beam_tf
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.tensorflow_inference import ModelType
 
-from beam_turbo._inference import (
-    loading_model,
-    numpy_batch,
-    prediction_results,
-    run_splitting_on_oom,
-    timed_stack,
-)
+from beam_turbo._batch import numpy_batch, timed_stack
+from beam_turbo._loading import loading_model
+from beam_turbo._oom import run_splitting_on_oom
+from beam_turbo._results import prediction_results
 
 __all__ = ["ModelType", "TFModelHandlerNumpy", "TFModelHandlerTensor"]
 
@@ -86,45 +83,6 @@ class TFModelHandlerNumpy(_TFRunner, beam_tf.TFModelHandlerNumpy):
     _beam_default = staticmethod(beam_tf.default_numpy_inference_fn)
     _stack = staticmethod(numpy_batch)
 
-    def __init__(
-        self,
-        model_uri: str,
-        model_type: ModelType = ModelType.SAVED_MODEL,
-        create_model_fn: Callable[..., Any] | None = None,
-        *,
-        load_model_args: dict[str, Any] | None = None,
-        custom_weights: str = "",
-        inference_fn: beam_tf.TensorInferenceFn = beam_tf.default_numpy_inference_fn,
-        min_batch_size: int | None = None,
-        max_batch_size: int | None = None,
-        max_batch_duration_secs: int | None = None,
-        large_model: bool = False,
-        model_copies: int | None = None,
-        max_batch_weight: int | None = None,
-        element_size_fn: Callable[[Any], int] | None = None,
-        batch_length_fn: Callable[[Any], int] | None = None,
-        batch_bucket_boundaries: list[int] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model_uri,
-            model_type,
-            create_model_fn,
-            load_model_args=load_model_args,
-            custom_weights=custom_weights,
-            inference_fn=inference_fn,
-            min_batch_size=min_batch_size,
-            max_batch_size=max_batch_size,
-            max_batch_duration_secs=max_batch_duration_secs,
-            large_model=large_model,
-            model_copies=model_copies,
-            max_batch_weight=max_batch_weight,
-            element_size_fn=element_size_fn,
-            batch_length_fn=batch_length_fn,
-            batch_bucket_boundaries=batch_bucket_boundaries,
-            **kwargs,
-        )
-
     def run_inference(
         self,
         batch: Sequence[np.ndarray[Any, Any]],
@@ -142,45 +100,6 @@ class TFModelHandlerTensor(_TFRunner, beam_tf.TFModelHandlerTensor):
     # tf.stack reads eager tensors in one op, checks shapes and dtypes naming the offending
     # input, and is faster here than viewing each tensor from Python.
     _stack = staticmethod(functools.partial(timed_stack, tf.stack))
-
-    def __init__(
-        self,
-        model_uri: str,
-        model_type: ModelType = ModelType.SAVED_MODEL,
-        create_model_fn: Callable[..., Any] | None = None,
-        *,
-        load_model_args: dict[str, Any] | None = None,
-        custom_weights: str = "",
-        inference_fn: beam_tf.TensorInferenceFn = beam_tf.default_tensor_inference_fn,
-        min_batch_size: int | None = None,
-        max_batch_size: int | None = None,
-        max_batch_duration_secs: int | None = None,
-        large_model: bool = False,
-        model_copies: int | None = None,
-        max_batch_weight: int | None = None,
-        element_size_fn: Callable[[Any], int] | None = None,
-        batch_length_fn: Callable[[Any], int] | None = None,
-        batch_bucket_boundaries: list[int] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model_uri,
-            model_type,
-            create_model_fn,
-            load_model_args=load_model_args,
-            custom_weights=custom_weights,
-            inference_fn=inference_fn,
-            min_batch_size=min_batch_size,
-            max_batch_size=max_batch_size,
-            max_batch_duration_secs=max_batch_duration_secs,
-            large_model=large_model,
-            model_copies=model_copies,
-            max_batch_weight=max_batch_weight,
-            element_size_fn=element_size_fn,
-            batch_length_fn=batch_length_fn,
-            batch_bucket_boundaries=batch_bucket_boundaries,
-            **kwargs,
-        )
 
     def run_inference(
         self,

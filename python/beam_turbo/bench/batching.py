@@ -24,12 +24,12 @@ import math
 import random
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from beam_turbo import BatchSizer, batching
 from beam_turbo._beam_internals import beam_batch_size_estimator, beam_global_batching_dofn
+from beam_turbo._sizing import Sizing
 from beam_turbo.bench._timing import format_seconds, measure, print_table
 
 #: Beam's (and our) default targets.
@@ -217,10 +217,10 @@ def batching_dofn_per_element(which: str, weighted: bool, elements: int) -> None
     if which == "beam":
         dofn = beam_global_batching_dofn(size_fn, record_metrics=False)
     else:
-        args = (BatchSizer(), uuid.uuid4().hex, size_fn or batching.unit_weight, None)
+        sizing = Sizing(BatchSizer(), weigh=size_fn)
         timing = batching._Timing(time.time, record_metrics=False)
         cls = batching._BatchingDoFn if weighted else batching._UnitBatchingDoFn
-        dofn = cls(*args, timing)
+        dofn = cls(sizing=sizing, timing=timing)
         dofn.setup()
     dofn.start_bundle()
     process = dofn.process

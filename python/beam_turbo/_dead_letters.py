@@ -1,0 +1,70 @@
+"""Exception handling in ``RunInference``: the dead-letter output's entries, isolating the
+failing elements of a batch, and ``threshold`` for the fused DoFn."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+
+from beam_turbo._oom import is_out_of_memory
+
+__all__ = ["DEAD_LETTER_TAG", "MAIN_TAG", "check_threshold", "dead_letter", "isolating"]
+
+#: The dead-letter and main tags of Beam's ``ParDo.with_exception_handling`` (its defaults).
+DEAD_LETTER_TAG = "bad"
+MAIN_TAG = "good"
+
+
+def dead_letter(batch: Sequence[Any], error: BaseException) -> beam.pvalue.TaggedOutput:
+    """The dead-letter output's entry for a failing batch, in Beam's form
+    ``(batch, (exception type, repr, formatted traceback))``."""
+    info = (type(error), repr(error), traceback.format_exception(error))
+    return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, (list(batch), info))
+
+
+def isolating(
+    run: Callable[[Sequence[Any]], Iterable[Any]],
+    batch: Sequence[Any],
+    exc_class: type[BaseException] | tuple[type[BaseException], ...],
+) -> list[Any]:
+    """``run(batch)``, halving a failing batch until each failing element is alone; those go
+    to the dead-letter output as ``([element], exception_info)``, the rest give results.
+    A batch of several that runs out of memory raises, for the splitting around this (which
+    teaches the batch sizer); a single element that does is dead-lettered like any other.
+    """
+    try:
+        return list(run(batch))
+    except exc_class as error:
+        if len(batch) > 1:
+            if is_out_of_memory(error):
+                raise
+            middle = len(batch) // 2
+            return isolating(run, batch[:middle], exc_class) + isolating(
+                run, batch[middle:], exc_class
+            )
+        return [dead_letter(batch, error)]
+
+
+def check_threshold(examples: beam.PCollection, dead: beam.PCollection, threshold: float) -> None:
+    """Beam's ``threshold`` of ``with_exception_handling``, for the fused DoFn: the pipeline
+    fails when the elements of failing batches exceed ``threshold`` of the elements in, per
+    window. (Beam's two steps count batches; the fused DoFn has no batches to count, and the
+    two agree when batches are of one size.)"""
+
+    def check(bad: int, total: int, threshold: float, window: Any = beam.DoFn.WindowParam) -> None:
+        if bad > total * threshold:
+            raise ValueError(
+                f"The number of failing elements within the window {window!r} exceeded "
+                f"threshold: {bad} / {total} = {bad / total} > {threshold}"
+            )
+
+    total = examples | "CountTotal" >> (
+        beam.Map(lambda _: 1) | beam.CombineGlobally(sum).as_singleton_view()
+    )
+    bad = dead | "CountBad" >> (
+        beam.Map(lambda entry: len(entry[0])) | beam.CombineGlobally(sum).without_defaults()
+    )
+    _ = bad | "CheckThreshold" >> beam.Map(check, total, threshold)

@@ -1,0 +1,174 @@
+"""Loading models: errors that name the model file, retries for passing failures, and the
+process's model cache as ``RunInference``'s DoFns use it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import Metrics
+from apache_beam.ml.inference import base
+
+from beam_turbo._native import ModelCache
+from beam_turbo.errors import ModelLoadError, ModelNotFoundError
+
+__all__ = ["CachedModels", "RetryingLoad", "loading_model", "retrying"]
+
+_LOG = logging.getLogger(__name__)
+
+# What deserializers raise for a file that is not a model of the expected kind. Other
+# OSErrors (a flaky network file system, a timeout) are left alone: retrying may help those.
+_DESERIALIZE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    KeyError,
+    AttributeError,
+)
+
+
+@contextlib.contextmanager
+def loading_model(
+    path: str | None, what: str = "model", also: Sequence[str] = ()
+) -> Iterator[None]:
+    """Turn what a model loader raises into an error that names the model file.
+
+    The loader always runs: a user's loader, or one replaced in a test, may not read ``path``
+    at all. Only after it fails is the path looked up: a path that does not exist (nor any of
+    ``also``, such as a checkpoint's ``.index``) gives :class:`ModelNotFoundError`, a file that
+    does not deserialize gives :class:`ModelLoadError`; other errors (a flaky network file
+    system, a timeout) go through as they are, since retrying may help those.
+
+    Example:
+        >>> with loading_model("/nowhere/model.pkl"):
+        ...     open("/nowhere/model.pkl", "rb")
+        Traceback (most recent call last):
+        ...
+        beam_turbo.errors.ModelNotFoundError: model file /nowhere/model.pkl does not exist ...
+    """
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        if isinstance(error, FileNotFoundError) or (path and not _exists(path, *also)):
+            raise ModelNotFoundError(f"{what} file {path} does not exist ({error})") from error
+        if isinstance(error, _DESERIALIZE_ERRORS):
+            raise ModelLoadError(f"{what} file {path} could not be loaded: {error}") from error
+        raise
+
+
+def _exists(*paths: str) -> bool:
+    """Whether any of ``paths`` exists; True for a scheme no Beam file system knows (a hub
+    handle), which only its loader can judge."""
+    try:
+        return any(FileSystems.exists(p) for p in paths)
+    except Exception:
+        return True
+
+
+#: Errors that retrying a load cannot fix: the file is not there, or is not a model.
+_PERMANENT_LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    ModelLoadError,
+    FileNotFoundError,
+    pickle.UnpicklingError,
+)
+
+
+def retrying(load: Callable[[], Any], retries: int, backoff_secs: float) -> Callable[[], Any]:
+    """``load``, retried ``retries`` times after passing errors, sleeping ``backoff_secs``,
+    then twice that, and so on. Errors that a retry cannot fix are raised at once.
+
+    Example:
+        >>> attempts = []
+        >>> def flaky():
+        ...     attempts.append(1)
+        ...     if len(attempts) < 3:
+        ...         raise ConnectionError("try again")
+        ...     return "model"
+        >>> retrying(flaky, retries=2, backoff_secs=0.0)()
+        'model'
+    """
+
+    def load_with_retries() -> Any:
+        for attempt in range(retries + 1):
+            try:
+                return load()
+            except _PERMANENT_LOAD_ERRORS:
+                raise
+            except Exception as error:
+                if attempt == retries:
+                    raise
+                delay = backoff_secs * 2**attempt
+                _LOG.warning(
+                    "Loading the model failed (%s: %s); retry %d of %d in %.1f s.",
+                    type(error).__name__,
+                    error,
+                    attempt + 1,
+                    retries,
+                    delay,
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return load_with_retries
+
+
+class RetryingLoad:
+    """``handler``'s own ``load_model``, through :func:`retrying`; set as the handler's
+    ``load_model`` so that every way Beam loads the model goes through the retries.
+
+    A module-level class rather than a closure, so that the handler still pickles: Beam's
+    model manager sends ``handler.load_model`` to a spawned process. It calls the class's
+    ``load_model``, not the attribute it replaces, so it never calls itself, pickled or not.
+    """
+
+    def __init__(self, handler: base.ModelHandler, retries: int, backoff_secs: float) -> None:
+        self._handler = handler
+        self._retries = retries
+        self._backoff_secs = backoff_secs
+
+    def __call__(self) -> Any:
+        handler = self._handler
+        load = retrying(
+            lambda: type(handler).load_model(handler), self._retries, self._backoff_secs
+        )
+        return load()
+
+
+class CachedModels:
+    """Models from the process's :class:`ModelCache`, keyed by the transform's model tag; it
+    also stands where Beam's DoFn keeps its ``Shared`` handle (``acquire(load, tag)``).
+
+    Answers that needed no load are counted, and reported by :meth:`report_hits` as the
+    ``beam_turbo_model_cache_hits`` metric (from a bundle: metrics set in ``setup`` are lost).
+    """
+
+    def __init__(self, key: str, namespace: str) -> None:
+        self._key = ("beam_turbo.RunInference", key)
+        self._namespace = namespace
+        self._hits = 0
+
+    def acquire(self, load: Callable[[], Any], tag: Any = None) -> Any:
+        loaded = False
+
+        def counted_load() -> Any:
+            nonlocal loaded
+            loaded = True
+            return load()
+
+        model = ModelCache.default().acquire(self._key, counted_load, tag)
+        if not loaded:
+            self._hits += 1
+        return model
+
+    def report_hits(self) -> None:
+        if self._hits:
+            Metrics.counter(self._namespace, "beam_turbo_model_cache_hits").inc(self._hits)
+            self._hits = 0

@@ -1,0 +1,57 @@
+"""A handler's per-element results: Beam's ``PredictionResult`` per example, built in one pass."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from itertools import repeat
+from typing import Any
+
+from apache_beam.ml.inference.base import PredictionResult
+
+__all__ = ["prediction_results", "rows"]
+
+_new_tuple = tuple.__new__
+
+
+def prediction_results(
+    examples: Sequence[Any], predictions: Any, model_id: str | None = None
+) -> list[PredictionResult]:
+    """Beam's ``utils._convert_to_result``, with the batch split into rows in one call.
+
+    A torch tensor is split with ``unbind`` and an eager TensorFlow tensor with ``tf.unstack``
+    (Beam iterates TensorFlow tensors row by row, at about 250 us a row); numpy arrays and
+    other iterables are iterated as Beam does. The results are the same objects Beam makes:
+    one ``PredictionResult(example, inference, model_id)`` per pair, the shorter side deciding
+    how many, and a dict of batched outputs becomes one dict per example.
+
+    Example:
+        >>> import numpy as np
+        >>> [r.inference for r in prediction_results(["a", "b"], np.array([1, 2]))]
+        [np.int64(1), np.int64(2)]
+    """
+    if isinstance(predictions, dict):
+        keys = list(predictions)
+        columns = [rows(predictions[key]) for key in keys]
+        per_example = [
+            dict(zip(keys, values, strict=False)) for values in zip(*columns, strict=False)
+        ]
+        return _results(examples, per_example, model_id)
+    return _results(examples, rows(predictions), model_id)
+
+
+def rows(batched: Any) -> Any:
+    """The rows of a batched output, as Beam's iteration over it would give them."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(batched, torch.Tensor):
+        return batched.unbind(0)
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(batched, tf.Tensor) and hasattr(batched, "numpy"):
+        return tf.unstack(batched)
+    return batched
+
+
+def _results(examples: Sequence[Any], rows: Any, model_id: str | None) -> list[PredictionResult]:
+    # PredictionResult is a NamedTuple: building it through tuple.__new__ skips the Python-level
+    # __new__ and costs about a fifth as much per element.
+    return list(map(_new_tuple, repeat(PredictionResult), zip(examples, rows, repeat(model_id))))

@@ -66,7 +66,8 @@ def beams_conversion(convert: Callable[..., R], batch: Sequence[Any], fast_error
             raise
         # stack()'s own advice (pad=) is for its callers; a RunInference user gets SHAPE_HINT.
         detail = str(fast_error).removesuffix(_STACK_PAD_ADVICE)
-        raise type(error)(f"{message} ({detail}). {SHAPE_HINT}") from error
+        # Both errors' words are in the message: one traceback, not three chained.
+        raise type(error)(f"{message} ({detail}). {SHAPE_HINT}") from None
 
 
 def numpy_batch(batch: Sequence[Any]) -> Any:
@@ -81,7 +82,8 @@ def numpy_batch(batch: Sequence[Any]) -> Any:
     try:
         return timed_stack(stack, batch)
     except (InvalidInputError, InvalidTypeError) as error:
-        return beams_conversion(np.stack, batch, error)
+        refused = error  # outside this block, Beam's error does not chain onto it
+    return beams_conversion(np.stack, batch, refused)
 
 
 def report_stack_time(distribution: Any) -> None:

@@ -61,10 +61,10 @@ def cyclic_gc_paused() -> Iterator[None]:
 
     A batch's results (framework tensors and ``PredictionResult`` tuples, which the collector
     tracks) are all alive until the last is emitted, so collections during that time move them
-    to older generations and, every so often, set off a full collection: with TensorFlow or
-    PyTorch loaded, a full pass over about 600,000 objects, 0.3 s. Paused, they die young
-    without being traversed. Reference counting frees memory as usual; only cycles wait, for
-    one batch.
+    to older generations and, every so often, set off a full collection, which with TensorFlow
+    or PyTorch loaded walks every object they made (its cost: docs/benchmarks.md). Paused,
+    they die young without being traversed. Reference counting frees memory as usual; only
+    cycles wait, for one batch.
     """
     pause_cyclic_gc()
     try:

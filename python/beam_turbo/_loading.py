@@ -58,7 +58,8 @@ def loading_model(
         raise
     except Exception as error:
         if isinstance(error, FileNotFoundError) or (path and not _exists(path, *also)):
-            raise ModelNotFoundError(f"{what} file {path} does not exist ({error})") from error
+            # The message holds the cause's words: one traceback, not two chained.
+            raise ModelNotFoundError(f"{what} file {path} does not exist ({error})") from None
         if isinstance(error, _DESERIALIZE_ERRORS):
             raise ModelLoadError(f"{what} file {path} could not be loaded: {error}") from error
         raise

@@ -2,22 +2,13 @@
 # ruff: noqa: B008
 """``beam_turbo.BatchElements``: Beam's ``BatchElements``, sized by :class:`~beam_turbo.BatchSizer`.
 
-Same arguments, defaults and meaning as ``apache_beam.BatchElements`` (Beam 2.77), the same
-outputs (lists, emitted at the end of their window), the same metrics, and the same stateful
-mode for streaming (``max_batch_duration_secs``), plus ``max_batch_weight``. Differences, all
-deliberate:
-
-* Batch sizes come from :class:`~beam_turbo.BatchSizer`: they settle on the target and stay
-  there instead of jittering by +/-``variance``, and they back off after memory failures that
-  the downstream work reports to the sizer.
-* An element heavier than the target size goes out alone. (Beam emits an empty batch before
-  it, then batches it with what follows.)
-* Element weights (``element_size_fn``) are honoured in the stateful mode too. (Beam counts
-  elements there.)
-* ``max_batch_weight`` caps a batch's total weight. Beam's ``ModelHandler`` accepts it, but
-  ``beam.BatchElements`` in 2.72-2.77 does not, so RunInference fails with a ``TypeError``.
-* A batch is emitted as soon as it reaches its target, rather than when the next element
-  arrives, and the first batch after a DoFn's setup (not of every bundle) goes untimed.
+Same arguments, defaults and meaning as ``apache_beam.BatchElements``, the same outputs (lists,
+emitted at the end of their window), the same metrics, and the same stateful mode for
+streaming (``max_batch_duration_secs``), plus ``max_batch_weight``. Batch sizes come from
+:class:`~beam_turbo.BatchSizer` (through ``_sizing.Sizing``): they settle on the target and
+stay there, and back off after memory failures that the downstream work reports. The
+deliberate differences from Beam are listed in one place, the README's "Differences from
+Beam" table.
 """
 
 from __future__ import annotations

@@ -8,24 +8,9 @@ It is a subclass of Beam's transform, so it takes every argument Beam 2.77's tak
 ``with_exception_handling``, ``with_monitoring_transform``, keyed, multi-model and maybe-keyed
 handlers, pre/post-processing, side-input model refresh, ``watch_model_pattern``,
 ``use_model_manager``, ``large_model`` and ``model_copies``, all through Beam's own
-machinery) and gives Beam's outputs. What it changes:
-
-* batches come from :class:`beam_turbo.BatchElements`, sized by ``BatchSizer`` (which also
-  honours the handler's ``max_batch_weight``, which makes Beam 2.72-2.77 fail);
-* the model lives in :class:`beam_turbo.ModelCache` (lock-free hits, one load per process,
-  refreshed by tag) instead of Beam's ``Shared``; ``large_model`` / ``model_copies`` keep
-  Beam's ``multi_process_shared``;
-* a model load that fails for a passing reason (I/O, a timeout, a connection) is retried
-  ``model_load_retries`` times with exponential backoff from ``model_load_backoff_secs``; a
-  missing or undeserializable file fails at once, naming it;
-* a batch that runs out of memory (CUDA's error or ``MemoryError``) is split and retried,
-  for every handler, users' own included;
-* where Beam's semantics allow, batching and inference are one DoFn (``_FusedInferenceDoFn``),
-  sized from the inference time itself; under ``with_exception_handling`` it sends every
-  element of a failing batch to the dead-letter output itself, batches run when a bundle
-  finishes included (Beam's wrapper guards only ``process``);
-* the cyclic garbage collector waits while a batch runs and its results are emitted (see
-  :func:`beam_turbo._gc.cyclic_gc_paused`).
+machinery) and gives Beam's outputs. What it changes, and when it takes which of its two
+paths (fused, or Beam's two steps), is in ``docs/run-inference.md`` and
+``docs/architecture.md``; the deliberate differences from Beam in the README's table.
 """
 
 from __future__ import annotations

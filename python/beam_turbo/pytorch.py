@@ -137,9 +137,10 @@ class _Staging:
         try:
             return self._stack_to_device(batch, device)
         except (InvalidInputError, InvalidTypeError) as error:
-            # Beam's conversion: it promotes mixed dtypes, and raises Beam's own errors.
-            stacked: torch.Tensor = beams_conversion(torch.stack, list(batch), error)
-            return stacked.to(device)
+            refused = error  # outside this block, Beam's error does not chain onto it
+        # Beam's conversion: it promotes mixed dtypes, and raises Beam's own errors.
+        stacked: torch.Tensor = beams_conversion(torch.stack, list(batch), refused)
+        return stacked.to(device)
 
     def _stack_to_device(self, batch: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
         first = batch[0]
@@ -295,6 +296,7 @@ class PytorchModelHandlerTensor(_TorchRunner, beam_pytorch.PytorchModelHandlerTe
         autocast_dtype: torch.dtype | str | None = None,
         **kwargs: Any,
     ) -> None:
+        # Not Beam's: device= takes more choices, and inference_mode/autocast_dtype are added.
         super().__init__(
             state_dict_path,
             model_class,
@@ -384,6 +386,7 @@ class PytorchModelHandlerKeyedTensor(_TorchRunner, beam_pytorch.PytorchModelHand
         autocast_dtype: torch.dtype | str | None = None,
         **kwargs: Any,
     ) -> None:
+        # Not Beam's: device= takes more choices, and inference_mode/autocast_dtype are added.
         super().__init__(
             state_dict_path,
             model_class,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Beam's own tests with beam-turbo's classes in place of Beam's (scripts/conformance.py), on the
 # Beam releases named (default: the one in .venv). For another release, an overlay venv
-# (.venv-beam-X.Y.Z) holds only that apache-beam, in front of .venv's packages, so torch and
-# TensorFlow are installed once. Run scripts/setup.sh first.
+# (.venv-beam-X.Y.Z) holds that apache-beam and what it needs that .venv lacks, in front of
+# .venv's packages, so torch and TensorFlow are installed once. Run scripts/setup.sh first.
 # Usage: scripts/conformance.sh [2.75.0 2.76.0 ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +23,10 @@ for version in "${versions[@]}"; do
             # After the overlay's own packages: .venv's, with their .pth files (the editable
             # beam-turbo among them).
             echo "import site; site.addsitedir('$base')" >"$site/zz_project_venv.pth"
-            .venv/bin/python -m pip install --quiet --no-deps \
-                --target "$site" "apache-beam==$version"
+            # pip resolves the release against .venv's packages, which it never changes: the
+            # overlay gets what this release needs that .venv lacks or has at another version.
+            .venv/bin/python -m pip --python "$overlay/bin/python" install --quiet \
+                --disable-pip-version-check "apache-beam==$version"
             touch "$overlay/installed"
         fi
         python="$overlay/bin/python"

@@ -219,16 +219,22 @@ NUMBERS = list(range(20))
 # -- use_model_manager ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def reaped_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The model processes this test spawns are its own: Beam's ModelManager serves every
-    pipeline on a machine from one fixed address file in the temp directory (tag
-    ``model_manager``), so another Beam pipeline running beside the tests would answer this
-    one's requests (and fail to unpickle its handler). Afterwards, as Beam's
-    ModelManagerTest.tearDown, end the processes it spawned."""
+@pytest.fixture(scope="session")
+def private_model_manager_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Beam's ModelManager serves every pipeline on a machine from one fixed address file in the
+    temp directory (tag ``model_manager``), so another Beam pipeline running beside the tests
+    would answer this session's requests (and fail to unpickle its handlers). The tests get a
+    folder of their own, one for the session: within a process Beam registers the tag once."""
     # MultiProcessShared's default folder is bound when Beam is imported: replace the default.
     defaults = multi_process_shared.MultiProcessShared.__init__.__kwdefaults__
-    monkeypatch.setitem(defaults, "path", str(tmp_path))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(defaults, "path", str(tmp_path_factory.mktemp("model_manager")))
+        yield
+
+
+@pytest.fixture
+def reaped_children(private_model_manager_folder: None) -> Iterator[None]:
+    """As Beam's ModelManagerTest.tearDown: end the model processes this test spawned."""
     before = set(multiprocessing.active_children())
     yield
     for child in set(multiprocessing.active_children()) - before:

@@ -84,7 +84,11 @@ def copy_tests(workdir: Path) -> list[str]:
 def run(workdir: Path, selection: list[str], mode: str, extra: list[str]) -> dict[str, str]:
     """Run the copied tests with ``mode`` ('stock' or 'turbo'); test id -> outcome."""
     report = workdir / f"{mode}.xml"
-    env = {**os.environ, "BEAM_TURBO_CONFORMANCE": mode}
+    # A temp folder of the run's own: Beam's model manager keeps one address file per machine
+    # in the temp folder, which another Beam pipeline running beside would answer.
+    tmp = workdir / f"tmp-{mode}"
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "BEAM_TURBO_CONFORMANCE": mode, "TMPDIR": str(tmp)}
     print(f"\n=== Beam {apache_beam.__version__}'s tests, {mode}", flush=True)
     subprocess.run(
         [sys.executable, "-m", "pytest", "-q", f"--junitxml={report}", *selection, *extra],

@@ -30,6 +30,14 @@ SPARK_HOME="$C/spark-$SPARK_VERSION/pyspark"
 WORKER_VENV="$C/worker-venv"
 JOBSERVER="$C/jobserver-$BEAM_JAVA_VERSION"
 
+# Spark's launcher.JavaModuleOptions, which spark-submit passes to a driver on Java 17.
+JAVA_MODULE_OPTIONS=(-XX:+IgnoreUnrecognizedVMOptions -Djdk.reflect.useDirectMethodHandle=false)
+for open in java.lang java.lang.invoke java.lang.reflect java.io java.net java.nio java.util \
+    java.util.concurrent java.util.concurrent.atomic jdk.internal.ref sun.nio.ch sun.nio.cs \
+    sun.security.action sun.util.calendar; do
+    JAVA_MODULE_OPTIONS+=("--add-opens=java.base/$open=ALL-UNNAMED")
+done
+
 say() { printf 'cluster: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
@@ -165,7 +173,8 @@ start_common() { # runner
     else
         master_arg="--spark-master-url=spark://127.0.0.1:$SPARK_MASTER_PORT"
     fi
-    spawn job-server java -jar "$JOBSERVER/$runner/beam-$runner-job-server.jar" "$master_arg" \
+    # The job server is Spark's driver: Java 17 needs the module openings spark-submit adds.
+    spawn job-server java "${JAVA_MODULE_OPTIONS[@]}" -jar "$JOBSERVER/$runner/beam-$runner-job-server.jar" "$master_arg" \
         --job-host=localhost --job-port="$JOB_PORT" --artifact-port="$ARTIFACT_PORT" \
         --expansion-port="$EXPANSION_PORT" --artifacts-dir="$RUN/artifacts"
     wait_port "$WORKER_POOL_PORT" "the SDK worker pool" 60
@@ -198,7 +207,7 @@ start_flink() {
 
 start_spark() {
     export SPARK_HOME SPARK_PID_DIR="$RUN" SPARK_LOG_DIR="$LOG" SPARK_LOCAL_IP=127.0.0.1 \
-        SPARK_WORKER_DIR="$RUN/spark-work" SPARK_NO_DAEMONIZE=
+        SPARK_WORKER_DIR="$RUN/spark-work"
     "$SPARK_HOME/sbin/spark-daemon.sh" start org.apache.spark.deploy.master.Master 1 \
         --host 127.0.0.1 --port "$SPARK_MASTER_PORT" --webui-port "$SPARK_MASTER_UI_PORT" >&2
     wait_port "$SPARK_MASTER_PORT" "Spark's master" 90

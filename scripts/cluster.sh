@@ -9,6 +9,8 @@
 #   scripts/cluster.sh stop           stop whatever this script started, verify nothing is left
 #   scripts/cluster.sh status         what runs (exit 0 when a cluster is up, 3 when none)
 #   scripts/cluster.sh env            the settings pipelines need, as shell assignments
+#   scripts/cluster.sh kill-taskmanager   kill -9 one Flink TaskManager (the failure test)
+#   scripts/cluster.sh heal           start TaskManagers until two are registered again
 #
 # Pipelines submit with Beam's PortableRunner to the job server at localhost:$JOB_PORT, with
 # --environment_type=EXTERNAL --environment_config=localhost:$WORKER_POOL_PORT: SDK workers are
@@ -185,6 +187,23 @@ flink_env() {
     export FLINK_CONF_DIR="$RUN/flink-conf" FLINK_PID_DIR="$RUN" FLINK_LOG_DIR="$LOG"
 }
 
+# The number of TaskManagers registered with the JobManager.
+taskmanagers() {
+    curl -s "http://localhost:$FLINK_REST_PORT/taskmanagers" |
+        "$PY" -c 'import json,sys; print(len(json.load(sys.stdin)["taskmanagers"]))' 2>/dev/null ||
+        echo 0
+}
+
+wait_taskmanagers() { # count
+    local i n=0
+    for ((i = 0; i < 120; i++)); do
+        n=$(taskmanagers)
+        [ "$n" = "$1" ] && return 0
+        sleep 0.5
+    done
+    die "Flink has $n TaskManagers registered, not $1 (logs: $LOG)"
+}
+
 start_flink() {
     flink_env
     rm -rf "$FLINK_CONF_DIR"
@@ -194,14 +213,7 @@ start_flink() {
     "$FLINK_HOME/bin/taskmanager.sh" start >&2
     "$FLINK_HOME/bin/taskmanager.sh" start >&2
     wait_port "$FLINK_REST_PORT" "Flink's JobManager" 90
-    local i n=0
-    for ((i = 0; i < 120; i++)); do
-        n=$(curl -s "http://localhost:$FLINK_REST_PORT/taskmanagers" |
-            "$PY" -c 'import json,sys; print(len(json.load(sys.stdin)["taskmanagers"]))' 2>/dev/null || echo 0)
-        [ "$n" = 2 ] && break
-        sleep 0.5
-    done
-    [ "$n" = 2 ] || die "Flink has $n TaskManagers registered, not 2 (logs: $LOG)"
+    wait_taskmanagers 2
     start_common flink
 }
 
@@ -305,6 +317,26 @@ cmd_status() {
     done
 }
 
+cmd_kill_taskmanager() {
+    [ "$(cat "$RUN/runner" 2>/dev/null)" = flink ] || die "no Flink cluster is started"
+    local file pid
+    file=$(ls "$RUN"/flink-*-taskexecutor.pid)
+    pid=$(head -1 "$file")
+    kill -KILL "$pid"
+    # Its pid leaves the pid file: a later process could get the number.
+    sed -i "/^$pid\$/d" "$file"
+    echo "$pid"
+}
+
+cmd_heal() {
+    [ "$(cat "$RUN/runner" 2>/dev/null)" = flink ] || die "no Flink cluster is started"
+    flink_env
+    local n
+    n=$(grep -c . "$RUN"/flink-*-taskexecutor.pid || true)
+    for ((; n < 2; n++)); do "$FLINK_HOME/bin/taskmanager.sh" start >&2; done
+    wait_taskmanagers 2
+}
+
 cmd_env() {
     echo "BEAM_TURBO_CLUSTER_RUNNER=$(cat "$RUN/runner" 2>/dev/null || true)"
     echo "BEAM_TURBO_JOB_ENDPOINT=localhost:$JOB_PORT"
@@ -323,5 +355,7 @@ case "${1:-}" in
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) cmd_env ;;
-    *) die "usage: cluster.sh install | start flink|spark | stop | status | env" ;;
+    kill-taskmanager) cmd_kill_taskmanager ;;
+    heal) cmd_heal ;;
+    *) die "usage: cluster.sh install | start flink|spark | stop | status | env | kill-taskmanager | heal" ;;
 esac

@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -135,6 +136,18 @@ class StockTorch(Recording, beam_pytorch.PytorchModelHandlerTensor):
     pass
 
 
+class SlowTurboSklearn(TurboSklearn):
+    """Each element costs ``seconds_per_element`` more: a job long enough to be hit."""
+
+    seconds_per_element = 0.0
+
+    def run_inference(
+        self, batch: Sequence[Any], model: Any, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[Any]:
+        time.sleep(len(batch) * self.seconds_per_element)
+        return super().run_inference(batch, model, inference_args)
+
+
 class FailingTurboSklearn(FailingOnMark, turbo_sklearn.SklearnModelHandlerNumpy):
     pass
 
@@ -176,6 +189,10 @@ class WhereBeamTurboIs(beam.DoFn):
 
 def index_of(example: Any) -> int:
     return int(example[0])
+
+
+def result_index(result: base.PredictionResult) -> str:
+    return str(index_of(result.example))
 
 
 def values(inference: Any) -> list[float]:

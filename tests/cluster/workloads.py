@@ -187,6 +187,30 @@ class WhereBeamTurboIs(beam.DoFn):
         yield ("where", int(element), [beam_turbo.__file__, sys.executable])
 
 
+def row_at(timestamp: Any) -> np.ndarray[Any, Any]:
+    """A row for an impulse fired at ``timestamp``: its first feature is the time, in seconds."""
+    row = np.ones(FEATURES)
+    row[0] = float(timestamp)
+    return row
+
+
+class RecordLatency(beam.DoFn):
+    """Records, per result, the seconds from its element's time (``row_at``) to now."""
+
+    def __init__(self, record_dir: str) -> None:
+        self._path = os.path.join(record_dir, "latency")
+
+    def start_bundle(self) -> None:
+        self._latencies: list[str] = []
+
+    def process(self, result: base.PredictionResult) -> None:
+        self._latencies.append(f"{time.time() - float(result.example[0]):.4f}")
+
+    def finish_bundle(self) -> None:
+        if self._latencies:
+            append(self._path, "\n".join(self._latencies))
+
+
 def index_of(example: Any) -> int:
     return int(example[0])
 

@@ -92,18 +92,18 @@ def check_same_beam_turbo() -> None:
 @pytest.fixture(scope="session", params=RUNNERS)
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     runner: str = request.param
-    check_same_beam_turbo()
     running = running_runner()
     start = os.environ.get("BEAM_TURBO_CLUSTER_START") == "1"
-    if running == runner:
-        yield Cluster(runner, settings())
-        return
-    if not start:
+    if running != runner and not start:
         how = f"scripts/cluster.sh install && scripts/cluster.sh start {runner}"
         pytest.skip(
             f"no {runner} cluster is started (running: {running or 'none'}); "
             f"run `{how}`, or set BEAM_TURBO_CLUSTER_START=1"
         )
+    check_same_beam_turbo()
+    if running == runner:
+        yield Cluster(runner, settings())
+        return
     if running is not None:
         script("stop")
     started = script("start", runner, check=False)

@@ -347,8 +347,6 @@ cmd_env() {
     echo "BEAM_TURBO_SPARK_JOB_SERVER_JAR=$JOBSERVER/spark/beam-spark-job-server.jar"
     echo "BEAM_TURBO_CLUSTER_RUN_DIR=$RUN"
     echo "BEAM_TURBO_WORKER_PYTHON=$WORKER_VENV/bin/python"
-    # For a Spark job server started by Beam's SparkRunner: the java launcher reads it.
-    echo "BEAM_TURBO_JDK_JAVA_OPTIONS=${JAVA_MODULE_OPTIONS[*]}"
 }
 
 case "${1:-}" in

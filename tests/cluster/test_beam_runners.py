@@ -44,12 +44,7 @@ def runner_options(cluster: Cluster) -> list[str]:
     ]
 
 
-def test_beams_runner_starts_the_job_server_from_the_jar(
-    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if cluster.runner == "spark":
-        # The job server is Spark's driver; the java launcher reads JDK_JAVA_OPTIONS.
-        monkeypatch.setenv("JDK_JAVA_OPTIONS", cluster.settings["BEAM_TURBO_JDK_JAVA_OPTIONS"])
+def test_beams_runner_starts_the_job_server_from_the_jar(cluster: Cluster, tmp_path: Path) -> None:
     model = workloads.make_sklearn_model(tmp_path)
     prefix = str(tmp_path / "out" / "lines")
     with beam.Pipeline(options=PipelineOptions(runner_options(cluster))) as pipeline:

@@ -9,7 +9,7 @@
 #   scripts/cluster.sh stop           stop whatever this script started, verify nothing is left
 #   scripts/cluster.sh status         what runs (exit 0 when a cluster is up, 3 when none)
 #   scripts/cluster.sh env            the settings pipelines need, as shell assignments
-#   scripts/cluster.sh kill-taskmanager   kill -9 one Flink TaskManager (the failure test)
+#   scripts/cluster.sh kill-taskmanager [ID]   kill -9 a Flink TaskManager (by resource id)
 #   scripts/cluster.sh heal           start TaskManagers until two are registered again
 #
 # Pipelines submit with Beam's PortableRunner to the job server at localhost:$JOB_PORT, with
@@ -175,9 +175,10 @@ start_common() { # runner
     else
         master_arg="--spark-master-url=spark://127.0.0.1:$SPARK_MASTER_PORT"
     fi
-    # The job server is Spark's driver: Java 17 needs the module openings spark-submit adds.
-    spawn job-server java "${JAVA_MODULE_OPTIONS[@]}" -jar "$JOBSERVER/$runner/beam-$runner-job-server.jar" "$master_arg" \
-        --job-host=localhost --job-port="$JOB_PORT" --artifact-port="$ARTIFACT_PORT" \
+    # Spark's job server is its driver: Java 17 needs the openings spark-submit would add.
+    spawn job-server java "${JAVA_MODULE_OPTIONS[@]}" \
+        -jar "$JOBSERVER/$runner/beam-$runner-job-server.jar" "$master_arg" --job-host=localhost \
+        --job-port="$JOB_PORT" --artifact-port="$ARTIFACT_PORT" \
         --expansion-port="$EXPANSION_PORT" --artifacts-dir="$RUN/artifacts"
     wait_port "$WORKER_POOL_PORT" "the SDK worker pool" 60
     wait_port "$JOB_PORT" "Beam's $runner job server" 90
@@ -204,14 +205,21 @@ wait_taskmanagers() { # count
     die "Flink has $n TaskManagers registered, not $1 (logs: $LOG)"
 }
 
+# A TaskManager with a resource id of its own, which Flink's REST API reports for each task,
+# so that the failure test can kill one that runs its job.
+start_taskmanager() {
+    "$FLINK_HOME/bin/taskmanager.sh" start -D "taskmanager.resource-id=tm-$(date +%s%N)" >&2
+}
+
 start_flink() {
     flink_env
     rm -rf "$FLINK_CONF_DIR"
     cp -r "$FLINK_HOME/conf" "$FLINK_CONF_DIR"
-    cp "$HERE/flink-config.yaml" "$FLINK_CONF_DIR/config.yaml"
+    sed -e "s/@FLINK_REST_PORT@/$FLINK_REST_PORT/" -e "s/@FLINK_RPC_PORT@/$FLINK_RPC_PORT/" \
+        "$HERE/flink-config.yaml" >"$FLINK_CONF_DIR/config.yaml"
     "$FLINK_HOME/bin/jobmanager.sh" start >&2
-    "$FLINK_HOME/bin/taskmanager.sh" start >&2
-    "$FLINK_HOME/bin/taskmanager.sh" start >&2
+    start_taskmanager
+    start_taskmanager
     wait_port "$FLINK_REST_PORT" "Flink's JobManager" 90
     wait_taskmanagers 2
     start_common flink
@@ -317,11 +325,16 @@ cmd_status() {
     done
 }
 
-cmd_kill_taskmanager() {
+cmd_kill_taskmanager() { # [resource id]
     [ "$(cat "$RUN/runner" 2>/dev/null)" = flink ] || die "no Flink cluster is started"
-    local file pid
+    local want=${1:-} file pid=""
     file=$(ls "$RUN"/flink-*-taskexecutor.pid)
-    pid=$(head -1 "$file")
+    for pid in $(cat "$file") ""; do
+        [ -z "$pid" ] && break
+        [ -z "$want" ] && break
+        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "taskmanager.resource-id=$want" && break
+    done
+    [ -n "$pid" ] || die "no TaskManager of this cluster has the resource id $want"
     kill -KILL "$pid"
     # Its pid leaves the pid file: a later process could get the number.
     sed -i "/^$pid\$/d" "$file"
@@ -333,7 +346,7 @@ cmd_heal() {
     flink_env
     local n
     n=$(grep -c . "$RUN"/flink-*-taskexecutor.pid || true)
-    for ((; n < 2; n++)); do "$FLINK_HOME/bin/taskmanager.sh" start >&2; done
+    for ((; n < 2; n++)); do start_taskmanager; done
     wait_taskmanagers 2
 }
 
@@ -355,7 +368,7 @@ case "${1:-}" in
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) cmd_env ;;
-    kill-taskmanager) cmd_kill_taskmanager ;;
+    kill-taskmanager) cmd_kill_taskmanager "${2:-}" ;;
     heal) cmd_heal ;;
     *) die "usage: cluster.sh install | start flink|spark | stop | status | env | kill-taskmanager | heal" ;;
 esac

@@ -33,6 +33,21 @@ def flink_rest(cluster: Cluster, path: str) -> Any:
         return json.load(response)
 
 
+def taskmanager_running(cluster: Cluster) -> str:
+    """The resource id of a TaskManager running a task of the running job, inference first."""
+    (jid,) = [
+        j["jid"] for j in flink_rest(cluster, "/jobs/overview")["jobs"] if j["state"] == "RUNNING"
+    ]
+    vertices = flink_rest(cluster, f"/jobs/{jid}")["vertices"]
+    vertices.sort(key=lambda vertex: "RunInference" not in vertex["name"])
+    for vertex in vertices:
+        path = f"/jobs/{jid}/vertices/{vertex['id']}/taskmanagers"
+        for tm in flink_rest(cluster, path)["taskmanagers"]:
+            if tm["status"] == "RUNNING":
+                return str(tm["taskmanager-id"])
+    raise AssertionError("no task of the job is running")
+
+
 def processed(record: Path) -> int:
     return sum(size for _, size in workloads.read_pairs(record))
 
@@ -66,7 +81,7 @@ def test_taskmanager_killed_mid_job_loses_and_duplicates_nothing(
             time.sleep(0.2)
         done_before_kill = processed(records / "slow.batches")
         assert done_before_kill < N, "the job finished before the kill"
-        killed = script("kill-taskmanager").stdout.strip()
+        killed = script("kill-taskmanager", taskmanager_running(cluster)).stdout.strip()
         state = result.wait_until_finish(duration=300_000)
     finally:
         if not PipelineState.is_terminal(result.state):

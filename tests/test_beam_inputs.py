@@ -72,13 +72,26 @@ def outcome(run: Any) -> tuple[str, Any]:
         return "error", type(error)
 
 
-def assert_same_numpy_results(ours: list[Any], beams: list[Any]) -> None:
-    assert len(ours) == len(beams)
-    for mine, theirs in zip(ours, beams, strict=True):
-        assert mine.example is theirs.example
-        assert np.asarray(mine.inference).dtype == np.asarray(theirs.inference).dtype
-        assert np.array_equal(mine.inference, theirs.inference)
-        assert mine.model_id == theirs.model_id
+def assert_same_outcome(
+    ours: Any, beams: Any, batch: list[Any], model: Any, same_results: Any
+) -> None:
+    """Both handlers on ``batch``: the same results (by ``same_results``), or errors of which
+    ours is Beam's type."""
+    mine = outcome(lambda: ours.run_inference(batch, model))
+    theirs = outcome(lambda: beams.run_inference(batch, model))
+    assert mine[0] == theirs[0], (mine, theirs)
+    if mine[0] == "ok":
+        assert len(mine[1]) == len(theirs[1])
+        for a, b in zip(mine[1], theirs[1], strict=True):
+            assert a.example is b.example
+            same_results(a.inference, b.inference)
+    else:
+        assert issubclass(mine[1], theirs[1])
+
+
+def same_arrays(mine: Any, theirs: Any) -> None:
+    assert np.asarray(mine).dtype == np.asarray(theirs).dtype
+    assert np.array_equal(mine, theirs)
 
 
 _SKLEARN_MODEL = LinearRegression().fit(
@@ -91,13 +104,7 @@ _SKLEARN_MODEL = LinearRegression().fit(
 def test_sklearn_numpy_handler_takes_what_beams_takes(batch: list[Any]) -> None:
     ours = SklearnModelHandlerNumpy("unused.pkl")
     beams = beam_sklearn.SklearnModelHandlerNumpy("unused.pkl")
-    mine = outcome(lambda: ours.run_inference(batch, _SKLEARN_MODEL))
-    theirs = outcome(lambda: beams.run_inference(batch, _SKLEARN_MODEL))
-    assert mine[0] == theirs[0], (mine, theirs)
-    if mine[0] == "ok":
-        assert_same_numpy_results(mine[1], theirs[1])
-    else:
-        assert issubclass(mine[1], theirs[1])
+    assert_same_outcome(ours, beams, batch, _SKLEARN_MODEL, same_arrays)
 
 
 class Affine(torch.nn.Module):
@@ -114,12 +121,9 @@ def affine_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def assert_same_tensor_results(ours: list[Any], beams: list[Any]) -> None:
-    assert len(ours) == len(beams)
-    for mine, theirs in zip(ours, beams, strict=True):
-        assert mine.example is theirs.example
-        assert mine.inference.dtype == theirs.inference.dtype
-        assert torch.equal(mine.inference, theirs.inference)
+def same_tensors(mine: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert mine.dtype == theirs.dtype
+    assert torch.equal(mine, theirs)
 
 
 @settings(max_examples=150, deadline=None)
@@ -131,14 +135,7 @@ def test_pytorch_handler_takes_what_beams_takes(affine_path: str, batch: list[An
         "model_params": {},
     }
     ours, beams = PytorchModelHandlerTensor(**args), beam_pytorch.PytorchModelHandlerTensor(**args)
-    model = beams.load_model()
-    mine = outcome(lambda: ours.run_inference(batch, model))
-    theirs = outcome(lambda: beams.run_inference(batch, model))
-    assert mine[0] == theirs[0], (mine, theirs)
-    if mine[0] == "ok":
-        assert_same_tensor_results(mine[1], theirs[1])
-    else:
-        assert issubclass(mine[1], theirs[1])
+    assert_same_outcome(ours, beams, batch, beams.load_model(), same_tensors)
 
 
 @settings(max_examples=60, deadline=None)
@@ -154,14 +151,7 @@ def test_pytorch_keyed_handler_takes_what_beams_takes(
     }
     ours = PytorchModelHandlerKeyedTensor(**args)
     beams = beam_pytorch.PytorchModelHandlerKeyedTensor(**args)
-    model = beams.load_model()
-    mine = outcome(lambda: ours.run_inference(batch, model))
-    theirs = outcome(lambda: beams.run_inference(batch, model))
-    assert mine[0] == theirs[0], (mine, theirs)
-    if mine[0] == "ok":
-        assert_same_tensor_results(mine[1], theirs[1])
-    else:
-        assert issubclass(mine[1], theirs[1])
+    assert_same_outcome(ours, beams, batch, beams.load_model(), same_tensors)
 
 
 @settings(max_examples=60, deadline=None)
@@ -175,14 +165,9 @@ def test_tensorflow_numpy_handler_takes_what_beams_takes(batch: list[Any]) -> No
     def model(x: Any) -> Any:
         return tf.convert_to_tensor(x) * 2
 
-    mine = outcome(lambda: TFModelHandlerNumpy("unused").run_inference(batch, model))
-    theirs = outcome(lambda: beam_tf.TFModelHandlerNumpy("unused").run_inference(batch, model))
-    assert mine[0] == theirs[0], (mine, theirs)
-    if mine[0] == "ok":
-        assert len(mine[1]) == len(theirs[1])
-        for a, b in zip(mine[1], theirs[1], strict=True):
-            assert a.example is b.example
-            assert a.inference.dtype == b.inference.dtype
-            assert np.array_equal(a.inference.numpy(), b.inference.numpy())
-    else:
-        assert issubclass(mine[1], theirs[1])
+    def same_eager_tensors(mine: Any, theirs: Any) -> None:
+        assert mine.dtype == theirs.dtype
+        assert np.array_equal(mine.numpy(), theirs.numpy())
+
+    ours, beams = TFModelHandlerNumpy("unused"), beam_tf.TFModelHandlerNumpy("unused")
+    assert_same_outcome(ours, beams, batch, model, same_eager_tensors)

@@ -93,3 +93,32 @@ def test_handlers_imported_after_patch_are_beam_turbos_until_unpatch() -> None:
         "after_unpatch": "apache_beam.ml.inference.tensorflow_inference",
         "is_patched": False,
     }
+
+
+def test_patch_before_beam_imports_no_framework_and_covers_runinference() -> None:
+    """``patch()`` first, as a pipeline that cannot be edited calls it: Beam's inference base
+    (which imports torch where installed) is patched when the pipeline imports it, and the
+    package's re-export of ``RunInference`` goes back to Beam's on ``unpatch()``."""
+    result = _run(
+        f"""
+        import json, sys
+        import sklearn, beam_turbo
+        beam_turbo.patch()
+        after_patch = {_LOADED}
+        import apache_beam.ml.inference as package
+        from apache_beam.ml.inference import base
+        patched = [base.RunInference is beam_turbo.RunInference,
+                   package.RunInference is beam_turbo.RunInference]
+        beam_turbo.unpatch()
+        print(json.dumps({{
+            "after_patch": after_patch,
+            "patched": patched,
+            "restored": [base.RunInference.__module__, package.RunInference.__module__],
+        }}))
+        """
+    )
+    assert result == {
+        "after_patch": ["sklearn"],
+        "patched": [True, True],
+        "restored": ["apache_beam.ml.inference.base"] * 2,
+    }

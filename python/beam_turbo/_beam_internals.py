@@ -45,12 +45,6 @@ def check_beam_version(version: str = apache_beam.__version__) -> None:
 check_beam_version()
 
 # The checked imports. Keep this list short: each is a promise about Beam's internals.
-from apache_beam.ml.inference.base import (  # noqa: E402
-    _MetricsCollector as MetricsCollector,
-)
-from apache_beam.ml.inference.base import (  # noqa: E402
-    _RunInferenceDoFn as RunInferenceDoFn,
-)
 from apache_beam.transforms.util import (  # noqa: E402
     WithLengthBucketKey,
     WithSharedKey,
@@ -59,6 +53,26 @@ from apache_beam.transforms.util import (  # noqa: E402
 )
 from apache_beam.transforms.window import GlobalWindows  # noqa: E402
 from apache_beam.utils.windowed_value import WindowedValue  # noqa: E402
+
+#: The names taken from ``apache_beam.ml.inference.base``, imported on first use: that module
+#: imports torch wherever it is installed (Beam 2.77's model manager), which ``BatchElements``
+#: and ``patch()`` must not do before the pipeline imports it.
+_INFERENCE_BASE_NAMES = {
+    "MetricsCollector": "_MetricsCollector",
+    "RunInferenceDoFn": "_RunInferenceDoFn",
+}
+
+
+def __getattr__(name: str) -> Any:
+    private = _INFERENCE_BASE_NAMES.get(name)
+    if private is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from apache_beam.ml.inference import base
+
+    value = getattr(base, private)
+    globals()[name] = value
+    return value
+
 
 #: Beam's metric namespace and names for batching (``_BatchSizeEstimator``), kept identical
 #: so that dashboards built on stock Beam keep working.
@@ -107,8 +121,6 @@ __all__ = [
     "METRICS_NAMESPACE",
     "MSEC_PER_BATCH_METRIC",
     "SUPPORTED_BEAM",
-    "MetricsCollector",
-    "RunInferenceDoFn",
     "UnsupportedBeamVersionError",
     "WindowedValue",
     "at_end_of_global_window",

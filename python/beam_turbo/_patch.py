@@ -64,10 +64,16 @@ _REPLACEMENTS: dict[str, list[tuple[str, str, str]]] = {
     },
 }
 
-_BEAM_MODULES = [name for name in _REPLACEMENTS if not name.endswith("_inference")]
+#: Imported by ``patch()`` itself: what ``import apache_beam`` imports anyway (a hook on them
+#: would run beam-turbo's modules while apache_beam is half initialized). The rest, RunInference's
+#: modules (whose base imports torch where installed) and the frameworks' handler modules, are
+#: patched when the pipeline imports them.
+_BEAM_MODULES = ["apache_beam", "apache_beam.transforms", "apache_beam.transforms.util"]
 
 _LOCK = threading.RLock()
 _ORIGINALS: dict[tuple[str, str], Any] = {}
+#: id(beam-turbo's object) -> the Beam object it replaced.
+_ORIGINAL_OF: dict[int, Any] = {}
 _active = False
 
 
@@ -87,9 +93,6 @@ def patch() -> list[str]:
         False
     """
     global _active
-    # Beam's own modules are imported now, as every RunInference pipeline imports them (a hook
-    # on them would run beam-turbo's modules while apache_beam is half initialized); the
-    # frameworks' handler modules are left to the hook.
     for module_name in _BEAM_MODULES:
         importlib.import_module(module_name)
     with _LOCK:
@@ -113,6 +116,7 @@ def unpatch() -> None:
         for (module_name, name), original in _ORIGINALS.items():
             setattr(sys.modules[module_name], name, original)
         _ORIGINALS.clear()
+        _ORIGINAL_OF.clear()
 
 
 def is_patched() -> bool:
@@ -131,7 +135,11 @@ def _replace_in(module: ModuleType) -> list[str]:
                 break
             key = (module.__name__, name)
             if key not in _ORIGINALS:
-                _ORIGINALS[key] = getattr(module, name)
+                current = getattr(module, name)
+                # A package that re-exports a name patched in its submodule while it ran
+                # (apache_beam.ml.inference's RunInference) took ours: its original is Beam's.
+                _ORIGINALS[key] = _ORIGINAL_OF.get(id(current), current)
+                _ORIGINAL_OF.setdefault(id(ours), _ORIGINALS[key])
             setattr(module, name, ours)
         replaced.append(f"{module.__name__}.{name}")
     return replaced

@@ -88,7 +88,7 @@ def watching(pattern: Path, **kwargs: Any) -> dict[str, Any]:
     return {
         "watch_model_pattern": str(pattern),
         "interval": 60,
-        "stop_timestamp": Timestamp.now() + Duration(seconds=20),
+        "stop_timestamp": Timestamp.now() + Duration(seconds=1),
         **kwargs,
     }
 

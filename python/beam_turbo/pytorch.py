@@ -30,7 +30,7 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,13 @@ from apache_beam.ml.inference.base import PredictionResult
 from beam_turbo._batch import ByteSizeMemo, beams_conversion, timed_stack
 from beam_turbo._loading import loading_model
 from beam_turbo._oom import run_splitting_on_oom
+from beam_turbo._padding import (
+    check_pad_values,
+    count_tokens,
+    pad_batch,
+    padded_results,
+    token_length,
+)
 from beam_turbo._results import prediction_results
 from beam_turbo._stacking import stack
 from beam_turbo.errors import InvalidInputError, InvalidTypeError, ModelLoadError
@@ -233,9 +240,70 @@ class _TorchRunner:
         def run(part: Sequence[Any]) -> list[PredictionResult]:
             with self._modes():
                 inference_fn: Any = self._inference_fn  # type: ignore[attr-defined]
-                return list(inference_fn(part, model, self._device, args, model_id))
+                return list(inference_fn(part, model, self._user_fn_device(), args, model_id))
 
         return run_splitting_on_oom(run, batch)
+
+    _pad_values: dict[str, int | float] | None = None
+
+    def _run_keyed(
+        self,
+        batch: Sequence[Mapping[str, torch.Tensor]],
+        model: torch.nn.Module,
+        args: dict[str, Any],
+        model_id: str | None,
+    ) -> list[PredictionResult]:
+        """The default inference on dicts of tensors: one batch per key (padded per batch for
+        the keys in ``pad_values``), the model called with them as keyword arguments."""
+        if self._pad_values is not None:
+            return run_splitting_on_oom(
+                lambda part: self._run_padded(part, model, args, model_id), batch
+            )
+
+        def run(part: Sequence[Mapping[str, torch.Tensor]]) -> list[PredictionResult]:
+            keys = list(part[0])
+            with self._modes():
+                inputs = {}
+                for key in keys:
+                    try:
+                        column = [example[key] for example in part]
+                    except KeyError as error:
+                        raise InvalidInputError(
+                            f"an element has no key {error}; every element needs the keys of "
+                            f"element 0: {keys}"
+                        ) from error
+                    inputs[key] = self._staging.to_device(column, self._device)
+                predictions = model(**inputs, **args)
+            self._byte_sizes.remember(part, sum(int(t.nbytes) for t in inputs.values()))
+            return prediction_results(part, predictions, model_id)
+
+        return run_splitting_on_oom(run, batch)
+
+    def _run_padded(
+        self,
+        batch: Sequence[Mapping[str, torch.Tensor]],
+        model: torch.nn.Module,
+        args: dict[str, Any],
+        model_id: str | None,
+    ) -> list[PredictionResult]:
+        """A ragged batch: padded per key, run, each element's outputs trimmed to its length."""
+        assert self._pad_values is not None
+        with self._modes():
+            padded = pad_batch(
+                batch,
+                self._pad_values,
+                lambda column: self._staging.to_device(column, self._device),
+                model,
+            )
+            inputs = {key: tensor.to(self._device) for key, tensor in padded.inputs.items()}
+            predictions = model(**inputs, **args)
+        self._byte_sizes.remember(batch, sum(int(t.nbytes) for t in inputs.values()))
+        count_tokens(self.get_metrics_namespace(), padded)  # type: ignore[attr-defined]
+        return padded_results(batch, predictions, padded, model_id)
+
+    def _user_fn_device(self) -> Any:
+        """The device argument a user's ``inference_fn`` gets (Beam's handler's)."""
+        return self._device
 
     def _model_id(self) -> str | None:
         path: str | None = self._torch_script_model_path or self._state_dict_path  # type: ignore[attr-defined]
@@ -359,6 +427,30 @@ def _nbytes_of(batch: Sequence[Any]) -> int:
 class PytorchModelHandlerKeyedTensor(_TorchRunner, beam_pytorch.PytorchModelHandlerKeyedTensor):
     """Beam's ``PytorchModelHandlerKeyedTensor``, faster: each key's tensors are stacked by
     :func:`beam_turbo.stack` (pinned and non-blocking on a GPU), the outputs split in one pass.
+
+    With ``pad_values`` (not Beam's), elements may be ragged: the inputs it names (token
+    tensors) are padded per batch to the batch's longest element with their value, the model
+    sees the padded batch, and each element's per-token outputs are trimmed back to its own
+    length (see :mod:`beam_turbo._padding`); ``RunInference`` gathers and sorts elements by
+    length so that little is padding. Only for models that honour a mask (give them
+    ``attention_mask``): padding changes what a model that ignores it computes.
+
+    Example:
+        >>> import torch
+        >>> from beam_turbo.pytorch import PytorchModelHandlerKeyedTensor
+        >>> class Embed(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.table = torch.nn.Embedding(10, 2)
+        ...     def forward(self, input_ids, attention_mask):
+        ...         return self.table(input_ids) * attention_mask[..., None]
+        >>> handler = PytorchModelHandlerKeyedTensor(
+        ...     model_class=Embed, pad_values={"input_ids": 0, "attention_mask": 0})
+        >>> model = Embed()
+        >>> batch = [{"input_ids": torch.tensor([1, 2, 3]), "attention_mask": torch.ones(3)},
+        ...          {"input_ids": torch.tensor([4]), "attention_mask": torch.ones(1)}]
+        >>> [tuple(r.inference.shape) for r in handler.run_inference(batch, model)]
+        [(3, 2), (1, 2)]
     """
 
     def __init__(
@@ -384,9 +476,15 @@ class PytorchModelHandlerKeyedTensor(_TorchRunner, beam_pytorch.PytorchModelHand
         batch_bucket_boundaries: list[int] | None = None,
         inference_mode: bool = False,
         autocast_dtype: torch.dtype | str | None = None,
+        pad_values: Mapping[str, int | float] | None = None,
         **kwargs: Any,
     ) -> None:
-        # Not Beam's: device= takes more choices, and inference_mode/autocast_dtype are added.
+        # Not Beam's: device= takes more choices; inference_mode, autocast_dtype and
+        # pad_values are added.
+        self._pad_values = check_pad_values(pad_values)
+        if self._pad_values is not None and batch_length_fn is None:
+            # RunInference sorts what it gathers by length, so that padding stays small.
+            batch_length_fn = functools.partial(token_length, pad_values=self._pad_values)
         super().__init__(
             state_dict_path,
             model_class,
@@ -420,21 +518,4 @@ class PytorchModelHandlerKeyedTensor(_TorchRunner, beam_pytorch.PytorchModelHand
         if self._inference_fn is not beam_pytorch.default_keyed_tensor_inference_fn:
             return self._run_user_fn(batch, model, args, model_id)
 
-        def run(part: Sequence[dict[str, torch.Tensor]]) -> list[PredictionResult]:
-            keys = list(part[0])
-            with self._modes():
-                inputs = {}
-                for key in keys:
-                    try:
-                        column = [example[key] for example in part]
-                    except KeyError as error:
-                        raise InvalidInputError(
-                            f"an element has no key {error}; every element needs the keys of "
-                            f"element 0: {keys}"
-                        ) from error
-                    inputs[key] = self._staging.to_device(column, self._device)
-                predictions = model(**inputs, **args)
-            self._byte_sizes.remember(part, sum(int(t.nbytes) for t in inputs.values()))
-            return prediction_results(part, predictions, model_id)
-
-        return run_splitting_on_oom(run, batch)
+        return self._run_keyed(batch, model, args, model_id)

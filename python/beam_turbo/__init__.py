@@ -1,7 +1,7 @@
 """beam-turbo: a Rust-accelerated batching core for Apache Beam's RunInference.
 
-``import beam_turbo`` imports neither Beam nor any ML framework: ``RunInference`` and
-``BatchElements`` (which import Beam) load on first use.
+``import beam_turbo`` imports neither Beam nor any ML framework: ``RunInference``,
+``BatchElements`` and ``SortAndBatchElements`` (which import Beam) load on first use.
 
 Example:
     >>> import numpy as np, beam_turbo
@@ -21,7 +21,7 @@ from beam_turbo._patch import patch, unpatch
 from beam_turbo._stacking import set_pool_limit, stack
 
 if TYPE_CHECKING:
-    from beam_turbo.batching import BatchElements
+    from beam_turbo.batching import BatchElements, SortAndBatchElements
     from beam_turbo.inference import RunInference
 
 try:
@@ -34,6 +34,7 @@ __all__ = [
     "BatchSizer",
     "ModelCache",
     "RunInference",
+    "SortAndBatchElements",
     "__version__",
     "errors",
     "patch",
@@ -43,7 +44,11 @@ __all__ = [
 ]
 
 # The names that import Beam, loaded on first use (PEP 562).
-_LAZY = {"BatchElements": "beam_turbo.batching", "RunInference": "beam_turbo.inference"}
+_LAZY = {
+    "BatchElements": "beam_turbo.batching",
+    "RunInference": "beam_turbo.inference",
+    "SortAndBatchElements": "beam_turbo.batching",
+}
 
 
 def __getattr__(name: str) -> Any:

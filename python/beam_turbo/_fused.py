@@ -20,7 +20,14 @@ from beam_turbo._dead_letters import dead_letter, isolating
 from beam_turbo._gc import GcHold, cyclic_gc_paused
 from beam_turbo._loading import CachedModels, retrying
 from beam_turbo._oom import run_owning_oom
-from beam_turbo._sizing import NO_OUTPUT, SizedBatch, Sizing, WindowBatches
+from beam_turbo._sizing import (
+    NO_OUTPUT,
+    POOL_BATCHES,
+    SizedBatch,
+    Sizing,
+    WindowBatches,
+    by_length,
+)
 
 __all__ = ["FusedInferenceDoFn", "WindowedFusedInferenceDoFn"]
 
@@ -33,8 +40,11 @@ class FusedInferenceDoFn(beam.DoFn):
     """Batching and inference in one DoFn: elements are gathered per window until the batch
     sizer's target (by :class:`~beam_turbo._sizing.WindowBatches`, the policy
     ``BatchElements`` batches by), then run through the handler at once; what is left is run
-    at the end of the bundle. Batch sizes are learned from the inference time itself, and a
-    batch that runs out of memory is split and teaches the sizer its ceiling.
+    at the end of the bundle. With the handler's ``batch_length_fn`` (ragged inputs), it
+    gathers ``POOL_BATCHES`` batches' worth, sorts them by length and runs them as batches of
+    similar lengths (:func:`~beam_turbo._sizing.by_length`). Batch sizes are learned from the
+    inference time itself, and a batch that runs out of memory is split and teaches the sizer
+    its ceiling.
 
     Results carry the timestamps and windows Beam's two steps give them: in the global
     window, the element that completed the batch's (the end of the window for the batch run
@@ -62,6 +72,8 @@ class FusedInferenceDoFn(beam.DoFn):
         self._retries = retries
         self._backoff_secs = backoff_secs
         self._batching_args = dict(handler.batch_elements_kwargs())
+        # Beam's batch_length_fn: what is gathered is sorted by length, then batched.
+        self._length_fn = self._batching_args.get("length_fn")
         self._exc_class = exc_class
         self._isolate_failures = isolate_failures
 
@@ -116,7 +128,9 @@ class FusedInferenceDoFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._gc_hold.give_back()  # a bundle that failed while gathering
-        self._windows = WindowBatches(self._sizing)
+        self._windows = WindowBatches(
+            self._sizing, pool=1 if self._length_fn is None else POOL_BATCHES
+        )
         # The global window's batch, also in _windows; a window's hash is a Python call.
         self._global_batch: SizedBatch | None = None
 
@@ -160,7 +174,12 @@ class FusedInferenceDoFn(beam.DoFn):
             batch.weight = len(batch.elements)  # not kept up on process()'s short path
         with cyclic_gc_paused():
             try:
-                outputs = self._outputs(batch)
+                if self._length_fn is None:
+                    outputs = self._outputs(batch)
+                else:
+                    outputs = []
+                    for part in by_length(batch.elements, self._sizing, self._length_fn):
+                        outputs += self._outputs(part)
             finally:
                 if window is _GLOBAL:
                     self._gc_hold.give_back()  # the batch is gathered; the pause above holds

@@ -8,12 +8,17 @@ place of Beam's, for pipelines that cannot be edited.
 ``apache_beam.ml.inference.RunInference``              ``beam_turbo.RunInference``
 ``apache_beam.BatchElements`` (and ``transforms``,     ``beam_turbo.BatchElements``
 ``transforms.util``)
+``apache_beam.SortAndBatchElements`` (and              ``beam_turbo.SortAndBatchElements``
+``transforms``, ``transforms.util``)
 ``...pytorch_inference.PytorchModelHandlerTensor``,    ``beam_turbo.pytorch.*``
 ``PytorchModelHandlerKeyedTensor``
 ``...sklearn_inference.SklearnModelHandlerNumpy``,     ``beam_turbo.sklearn.*``
 ``SklearnModelHandlerPandas``
 ``...tensorflow_inference.TFModelHandlerNumpy``,       ``beam_turbo.tensorflow.*``
 ``TFModelHandlerTensor``
+``...huggingface_inference.HuggingFaceModelHandler``   ``beam_turbo.huggingface.*``
+``KeyedTensor``, ``...Tensor``, ``HuggingFacePipeline``
+``ModelHandler``
 =====================================================  =========================================
 
 A framework's handler module is patched when the pipeline imports it, never before: ``patch()``
@@ -47,15 +52,28 @@ _FRAMEWORK_HANDLERS = [
     ),
     ("sklearn_inference", "sklearn", ["SklearnModelHandlerNumpy", "SklearnModelHandlerPandas"]),
     ("tensorflow_inference", "tensorflow", ["TFModelHandlerNumpy", "TFModelHandlerTensor"]),
+    (
+        "huggingface_inference",
+        "huggingface",
+        [
+            "HuggingFaceModelHandlerKeyedTensor",
+            "HuggingFaceModelHandlerTensor",
+            "HuggingFacePipelineModelHandler",
+        ],
+    ),
 ]
 
 #: Beam module -> [(attribute, beam-turbo module, attribute)].
 _REPLACEMENTS: dict[str, list[tuple[str, str, str]]] = {
     "apache_beam.ml.inference.base": [("RunInference", "beam_turbo.inference", "RunInference")],
     "apache_beam.ml.inference": [("RunInference", "beam_turbo.inference", "RunInference")],
-    "apache_beam": [("BatchElements", "beam_turbo.batching", "BatchElements")],
-    "apache_beam.transforms": [("BatchElements", "beam_turbo.batching", "BatchElements")],
-    "apache_beam.transforms.util": [("BatchElements", "beam_turbo.batching", "BatchElements")],
+    **{
+        module: [
+            ("BatchElements", "beam_turbo.batching", "BatchElements"),
+            ("SortAndBatchElements", "beam_turbo.batching", "SortAndBatchElements"),
+        ]
+        for module in ("apache_beam", "apache_beam.transforms", "apache_beam.transforms.util")
+    },
     **{
         f"apache_beam.ml.inference.{beam_module}": [
             (name, f"beam_turbo.{ours}", name) for name in names
@@ -177,6 +195,8 @@ class _PatchingLoader(importlib.abc.Loader):
         return module
 
     def exec_module(self, module: ModuleType) -> None:
+        if module.__name__ == _HUGGINGFACE and "tensorflow" not in sys.modules:
+            _import_triton_first()
         self._loader.exec_module(module)
         if _active:
             _replace_in(module)
@@ -184,6 +204,21 @@ class _PatchingLoader(importlib.abc.Loader):
     def __getattr__(self, name: str) -> Any:
         # get_source, get_filename, is_package...: the original loader's.
         return getattr(self._loader, name)
+
+
+#: Beam's HuggingFace module imports TensorFlow, then torch and transformers.
+_HUGGINGFACE = "apache_beam.ml.inference.huggingface_inference"
+
+
+def _import_triton_first() -> None:
+    """Import torch's ``triton`` before Beam's HuggingFace module imports TensorFlow: with both
+    installed (TensorFlow 2.21, torch 2.15), triton imported after TensorFlow aborts the
+    process (two LLVM copies register the same options). Beam's module imports torch anyway."""
+    try:
+        import torch  # noqa: F401
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 
 
 _HOOK = _PatchOnImport()

@@ -24,12 +24,15 @@ from beam_turbo._native import BatchSizer
 
 __all__ = [
     "BATCHING_ARGS",
+    "LENGTH_ARGS",
     "NO_OUTPUT",
+    "POOL_BATCHES",
     "SIZER_ARGS",
     "MemoryFailureReporter",
     "SizedBatch",
     "Sizing",
     "WindowBatches",
+    "by_length",
     "unit_weight",
 ]
 
@@ -37,6 +40,11 @@ __all__ = [
 SIZER_ARGS = frozenset(inspect.signature(BatchSizer).parameters)
 #: The batching arguments a :class:`Sizing` takes: the sizer's, the weights and their cap.
 BATCHING_ARGS = SIZER_ARGS | {"element_size_fn", "max_batch_weight"}
+#: A handler's length-aware batching arguments (Beam's ``batch_length_fn`` and buckets):
+#: ``RunInference``'s fused DoFn sorts what it gathers by length instead of bucketing.
+LENGTH_ARGS = frozenset({"length_fn", "bucket_boundaries"})
+#: How many batches' worth of elements the fused DoFn gathers before sorting them by length.
+POOL_BATCHES = 8
 
 
 #: What a batching DoFn's ``process`` returns for an element that completes no batch. (Not a
@@ -180,15 +188,16 @@ class WindowBatches:
     before have been emitted, so that it can learn from them.
     """
 
-    __slots__ = ("_sizing", "batches")
+    __slots__ = ("_pool", "_sizing", "batches")
 
-    def __init__(self, sizing: Sizing) -> None:
+    def __init__(self, sizing: Sizing, pool: int = 1) -> None:
         self._sizing = sizing
+        self._pool = pool  # gather this many batches' worth (to sort them by length)
         self.batches: dict[Any, SizedBatch] = {}
 
     def start(self, window: Any) -> SizedBatch:
         """A new, empty batch for ``window``."""
-        batch = self.batches[window] = SizedBatch(self._sizing.target())
+        batch = self.batches[window] = SizedBatch(self._sizing.target() * self._pool)
         return batch
 
     def add(self, element: Any, window: Any) -> Iterator[tuple[Any, SizedBatch]]:
@@ -215,3 +224,45 @@ class WindowBatches:
         """Every batch still gathering (at the end of a bundle)."""
         batches, self.batches = self.batches, {}
         yield from batches.items()
+
+
+def by_length(
+    elements: Sequence[Any], sizing: Sizing, length: Callable[[Any], float]
+) -> Iterator[SizedBatch]:
+    """``elements`` sorted by ``length`` and cut into batches at the sizer's target, asked anew
+    for each batch (after the one before has run, when the caller runs each as it comes), so
+    that each batch holds elements of similar length and little of it is padding.
+
+    A batch also stays within ``max_batch_weight`` when padded: its count times its heaviest
+    element's weight (its tokens computed, when weights are token counts). An element whose
+    length cannot be read sorts first; the batch it is in fails, and says why.
+
+    Example:
+        >>> sizing = Sizing.from_batching_args({"min_batch_size": 2, "max_batch_size": 2})
+        >>> [b.elements for b in by_length(["ccc", "a", "dddd", "bb"], sizing, len)]
+        [['a', 'bb'], ['ccc', 'dddd']]
+    """
+
+    def sort_key(element: Any) -> float:
+        try:
+            return float(length(element))
+        except Exception:  # the handler reports it, for the batch that holds it
+            return -1.0
+
+    ordered = sorted(elements, key=sort_key)
+    start = 0
+    while start < len(ordered):
+        batch = SizedBatch(sizing.target())
+        heaviest = 0.0
+        for element in ordered[start:]:
+            weight = sizing.element_weight(element)
+            padded = (len(batch.elements) + 1) * max(heaviest, weight)
+            if batch.elements and (
+                batch.weight + weight > batch.target or padded > sizing.max_weight
+            ):
+                break
+            batch.elements.append(element)
+            batch.weight += weight
+            heaviest = max(heaviest, weight)
+        start += len(batch.elements)
+        yield batch

@@ -26,7 +26,7 @@ from apache_beam.transforms import window as beam_window
 
 from beam_turbo._dead_letters import DEAD_LETTER_TAG, MAIN_TAG, check_threshold
 from beam_turbo._fused import FusedInferenceDoFn, WindowedFusedInferenceDoFn
-from beam_turbo._sizing import BATCHING_ARGS
+from beam_turbo._sizing import BATCHING_ARGS, LENGTH_ARGS
 from beam_turbo._two_steps import TurboRunInferenceDoFn
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
@@ -162,7 +162,7 @@ class RunInference(base.RunInference):
             and not self._use_model_manager
             and not handler.share_model_across_processes()
             and not handler.should_skip_batching()
-            and set(handler.batch_elements_kwargs()) <= BATCHING_ARGS
+            and set(handler.batch_elements_kwargs()) <= BATCHING_ARGS | LENGTH_ARGS
         )
 
     def expand(self, pcoll: beam.PCollection) -> Any:

@@ -12,6 +12,12 @@ outputs whose batches differ). Beam pipeline
 options after ``--`` pass through, so the same command runs multi-process::
 
     beam-turbo demo -- --direct_running_mode=multi_processing --direct_num_workers=2
+
+``--framework minilm`` (sentence embeddings with all-MiniLM-L6-v2: Beam as its example runs
+it, one sentence at a time, against beam-turbo padding per batch) and ``--framework
+mobilenet`` (MobileNetV2 on JPEG images decoded in the pipeline) run real models the same
+way, each pipeline in a process of its own, on 160 elements by default (see
+:mod:`beam_turbo.bench.real_models`); they compare the embeddings or class scores.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections.abc import Callable, Sequence
 
 from beam_turbo.bench import e2e
 from beam_turbo.bench._timing import print_table
+from beam_turbo.bench.real_models import REAL_MODELS
 
 
 def _with_progress(label: str, work: Callable[[], float]) -> float:
@@ -57,16 +64,27 @@ def _with_progress(label: str, work: Callable[[], float]) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--framework",
-        choices=["sklearn", "torch", "torch-mlp", "tensorflow"],
+        choices=["sklearn", "torch", "torch-mlp", "tensorflow", *REAL_MODELS],
         default="sklearn",
-        help="the model to run",
+        help="the model to run (minilm, mobilenet: a real model, each pipeline in a process "
+        "of its own)",
     )
+    # No default shown for these two: it depends on the framework (``%(default).0s`` prints
+    # nothing, and keeps ArgumentDefaultsHelpFormatter from adding "(default: None)").
     parser.add_argument(
-        "--elements", type=int, default=200_000, help="elements to time (at least 100,000)"
+        "--elements",
+        type=int,
+        default=None,
+        help=f"elements to time (default: {_DEFAULT_ELEMENTS:,}, at least {_MIN_TIMED:,}; "
+        "minilm and mobilenet: 160)%(default).0s",
     )
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds (the median)")
     parser.add_argument(
-        "--check", type=int, default=20_000, help="elements whose predictions are compared"
+        "--check",
+        type=int,
+        default=None,
+        help=f"elements whose predictions are compared (default: {_DEFAULT_CHECK:,}; minilm "
+        "and mobilenet: those of the small timed run, a fifth of --elements)%(default).0s",
     )
     parser.add_argument(
         "beam_options",
@@ -78,10 +96,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     options: Sequence[str] = [o for o in args.beam_options if o != "--"]
+    if args.framework in REAL_MODELS:
+        from beam_turbo.bench import real_models
+
+        return real_models.demo(args, options, _runner(options))
     # Fewer elements than this time the runner's noise, not the pipelines.
-    elements = max(_MIN_TIMED, args.elements // e2e.CHUNK * e2e.CHUNK)
+    elements = max(_MIN_TIMED, (args.elements or _DEFAULT_ELEMENTS) // e2e.CHUNK * e2e.CHUNK)
     # Elements are generated in chunks: check whole chunks, at least the --check asked for.
-    checked = min(elements, -(-max(1, args.check) // e2e.CHUNK) * e2e.CHUNK)
+    check = _DEFAULT_CHECK if args.check is None else args.check
+    checked = min(elements, -(-max(1, check) // e2e.CHUNK) * e2e.CHUNK)
     print(
         f"beam-turbo demo: {elements:,} elements through a {args.framework} model, "
         f"stock Beam RunInference and beam-turbo's, on {_runner(options)}\n"
@@ -133,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
 
 _LABELS = {"stock": "stock Beam", "turbo": "beam-turbo"}
 _MIN_TIMED = 100_000
+_DEFAULT_ELEMENTS = 200_000
+_DEFAULT_CHECK = 20_000
 
 
 def _runner(options: Sequence[str]) -> str:

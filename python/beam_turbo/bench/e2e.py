@@ -25,6 +25,7 @@ from apache_beam.ml.inference import base
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_turbo.bench._timing import print_table
+from beam_turbo.bench.real_models import REAL_MODELS
 
 CHUNK = 2_000  # elements generated per seed
 
@@ -309,13 +310,23 @@ def peak_resident_mib(framework: str, which: str, elements: int) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--framework", choices=sorted(GOALS), default="sklearn")
+    parser.add_argument(
+        "--framework",
+        choices=sorted([*GOALS, *REAL_MODELS]),
+        default="sklearn",
+        help="a small model of each framework, or a real model (minilm, mobilenet: "
+        "see docs/benchmarks.md; each variant runs in a process of its own)",
+    )
     parser.add_argument("--quick", action="store_true", help="smaller runs, one round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is shown)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.framework in REAL_MODELS:
+        from beam_turbo.bench import real_models
+
+        return real_models.bench(args)
     small, large = (4_000, 20_000) if args.quick else (20_000, 200_000)
     rounds = 1 if args.quick else args.rounds
     with tempfile.TemporaryDirectory() as folder:

@@ -17,7 +17,14 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from beam_turbo.bench.real_models import RealModel, Variant, as_line, keyed_elements
+from beam_turbo.bench.real_models import (
+    BARE_BATCH,
+    RealModel,
+    Variant,
+    as_line,
+    best_rate,
+    keyed_elements,
+)
 
 CHUNK = 16  # images generated per seed
 SIDE = 224
@@ -70,6 +77,30 @@ def logits(keyed: tuple[int, Any]) -> tuple[int, np.ndarray[Any, Any]]:
     """The 1,000 class scores of one result, as numpy."""
     key, result = keyed
     return key, result.inference.numpy()
+
+
+def bare(spec: dict[str, Any], chunks: list[int]) -> dict[str, float]:
+    """The model alone on the images of ``chunks``, decoded beforehand: one at a time, and
+    stacked in batches of ``BARE_BATCH``."""
+    import torch
+    import torchvision
+
+    model = torchvision.models.mobilenet_v2(weights=None)
+    model.load_state_dict(torch.load(spec["state_dict_path"]))
+    model.eval()
+    images = [decode((0, image))[1] for seed in chunks for image in jpeg_images(seed)]
+    singles = [image[None] for image in images]
+    batches = [torch.stack(images[i : i + BARE_BATCH]) for i in range(0, len(images), BARE_BATCH)]
+
+    def run(inputs: list[Any]) -> None:
+        with torch.no_grad():
+            for batch in inputs:
+                model(batch)
+
+    return {
+        "one": best_rate(lambda: run(singles), len(images)),
+        "batched": best_rate(lambda: run(batches), len(images)),
+    }
 
 
 def prepare(folder: str) -> dict[str, Any]:
@@ -146,4 +177,5 @@ MODEL = RealModel(
     atol=1e-5,
     prepare=prepare,
     build=build,
+    bare=bare,
 )

@@ -36,6 +36,9 @@ from beam_turbo.bench._timing import print_table
 #: ``--framework`` name -> the module defining its ``MODEL``.
 REAL_MODELS = {"minilm": "beam_turbo.bench.minilm", "mobilenet": "beam_turbo.bench.mobilenet"}
 
+#: The batch size of the bare model's batched timing.
+BARE_BATCH = 32
+
 #: Beam's RunInference metric of the elements in each batch run, recorded by both stock Beam's
 #: and beam-turbo's RunInference (the same figures as ``BatchElements/batch_size`` and
 #: ``beam_turbo_batch_size``).
@@ -77,7 +80,12 @@ class RealModel:
     prepare: Callable[[str], dict[str, Any]]  # in the parent: save the model, say where
     build: Callable[..., None]  # (pipeline, spec, variant, chunks, output) in a worker
     padding_counters: Callable[[Variant], tuple[str, str] | None] = lambda _: None
+    bare_batches: str = ""  # how the bare model's batches are made, if not plain stacking
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: The model alone, without Beam, over the elements of ``chunks`` (in a worker): elements
+    #: per second one at a time and in batches of ``BARE_BATCH`` (sorted by length where
+    #: lengths differ): what batching itself can gain on this machine.
+    bare: Callable[[dict[str, Any], list[int]], dict[str, float]] | None = None
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
@@ -114,6 +122,22 @@ def timed_elements(small: int, large: int, repeats: int) -> int:
         544
     """
     return small + repeats * (large - small)
+
+
+def best_rate(work: Callable[[], object], elements: int, tries: int = 2) -> float:
+    """Elements per second of the fastest of ``tries`` calls of ``work`` (the first also
+    warms up).
+
+    Example:
+        >>> best_rate(lambda: None, 10) > 0
+        True
+    """
+    best = math.inf
+    for _ in range(tries):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return elements / max(best, 1e-9)
 
 
 def compare(
@@ -213,6 +237,7 @@ class Measured:
     large_run: dict[str, Any] = field(default_factory=dict)  # the last large run's metrics
     peak_mib: float = 0.0
     agreement: Agreement | None = None
+    bare: dict[str, float] | None = None  # the reference worker's: the model alone
 
     @property
     def per_element_secs(self) -> float:
@@ -229,10 +254,12 @@ def measure(
     rounds: int,
     options: Sequence[str] = (),
     say: Callable[[str], None] = print,
+    bare: bool = False,
 ) -> dict[str, Measured]:
     """Time each variant (``rounds`` rounds of a small and a large run, variants in turn),
     check its outputs over the first ``small`` elements against the first variant's, and
-    read its peak memory."""
+    read its peak memory; with ``bare``, time the model alone in the first variant's worker
+    over the elements between ``small`` and ``large``."""
     found = {v.name: Measured() for v in variants}
     with tempfile.TemporaryDirectory() as folder:
         spec = model.prepare(folder)
@@ -266,6 +293,8 @@ def measure(
                         f"  round {n + 1}/{rounds}, {variant.name}: {rate} "
                         f"({time.perf_counter() - start:.1f} s)"
                     )
+            if bare and model.bare is not None:
+                found[variants[0].name].bare = workers[0].ask(op="bare", small=small, large=large)
             outputs = {}
             for worker in workers:
                 outputs[worker.variant] = os.path.join(folder, "out", worker.variant)
@@ -375,6 +404,14 @@ def print_results(
     print_table(headers, rows)
     for note in model.notes:
         print(note)
+    bare = found[reference].bare
+    if bare:
+        print(
+            f"the model alone, without Beam, over the {large - small:,} timed {model.unit} "
+            f"(best of 2): one at a time {bare['one']:,.1f} {model.unit}/s, in batches of "
+            f"{BARE_BATCH}{model.bare_batches} {bare['batched']:,.1f} "
+            f"({bare['batched'] / bare['one']:.2f}x: what batching itself gains here)"
+        )
     all_same = True
     print(f"\noutputs over the first {small:,} {model.unit}, against {reference}:")
     for variant in variants[1:]:
@@ -397,7 +434,9 @@ def bench(args: argparse.Namespace) -> int:
     rounds = 1 if args.quick else args.rounds
     print(f"{model.title}: {len(model.variants)} variants, each in a process of its own")
     start = time.perf_counter()
-    found = measure(model, args.framework, model.variants, small, large, rounds)
+    found = measure(
+        model, args.framework, model.variants, small, large, rounds, bare=not args.quick
+    )
     same = print_results(model, model.variants, found, small, large, rounds)
     print(f"\nthe whole benchmark took {time.perf_counter() - start:.0f} s")
     return 0 if same else 1
@@ -542,6 +581,13 @@ def _serve(config_json: str) -> None:
                 return
             if command["op"] == "peak":
                 reply({"peak_mib": _peak_resident_mib()})
+                continue
+            if command["op"] == "bare":
+                assert model.bare is not None
+                timed = chunks_for(
+                    command["small"], command["large"], model.chunk, command["large"], 1
+                )
+                reply(model.bare(spec, timed[command["small"] // model.chunk :]))
                 continue
             chunks = chunks_for(
                 command["small"],

@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "e2e": (
         "beam_turbo.bench.e2e",
-        "one RunInference pipeline with stock Beam and with beam-turbo, end to end",
+        "one RunInference pipeline with stock Beam and with beam-turbo, end to end (also "
+        "real models: --framework minilm|mobilenet)",
     ),
 }

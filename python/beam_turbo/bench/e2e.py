@@ -5,6 +5,9 @@ encoding). Throughput is the slope between a small and a large run, so start-up 
 each figure is the median of several rounds. The ideal time per element is the floor's (the
 same pipeline with an identity ``Map`` for RunInference) plus the bare model's on pre-stacked
 batches of 1,024 (the model call alone: no stacking, no splitting into rows, no results).
+
+``--framework minilm|mobilenet`` runs real models instead, each variant in a process of its
+own: :mod:`beam_turbo.bench.real_models`.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class RealModel:
 
 
 def load(name: str) -> RealModel:
-    """The ``MODEL`` of ``--framework name`` (its module imports no framework)."""
+    """The ``MODEL`` of ``--framework name`` (its module imports Beam, no ML framework)."""
     model: RealModel = importlib.import_module(REAL_MODELS[name]).MODEL
     return model
 

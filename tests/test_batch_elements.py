@@ -598,3 +598,107 @@ def test_multi_process_stateful_pipeline() -> None:
             | beam.Map(len)
         )
         assert_that(sizes | beam.CombineGlobally(sum), equal_to([500]))
+
+
+# SortAndBatchElements (Beam 2.77's own tests run in scripts/conformance.py).
+
+
+def _dofn_batches(dofn: Any, data: list[str], windows: list[Any]) -> list[tuple[Any, list[str]]]:
+    """Run a batching DoFn's bundle by hand: (window, batch) in the order emitted."""
+    if hasattr(dofn, "setup"):
+        dofn.setup()
+    dofn.start_bundle()
+    emitted = []
+    takes_window = "window" in inspect.signature(dofn.process).parameters or isinstance(
+        dofn, batching._SortingBatchingDoFn
+    )
+    for element, win in zip(data, windows, strict=True):
+        emitted += list(
+            (dofn.process(element, win) if takes_window else dofn.process(element)) or ()
+        )
+    emitted += list(dofn.finish_bundle() or ())
+    return [(value.windows[0], value.value) for value in emitted]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.lists(st.text(alphabet="ab", max_size=12), max_size=60),
+    max_batch_size=st.integers(1, 8),
+    max_batch_weight=st.integers(1, 30),
+    windowed=st.booleans(),
+)
+def test_sort_and_batch_gives_beams_batches(
+    data: list[str], max_batch_size: int, max_batch_weight: int, windowed: bool
+) -> None:
+    from apache_beam.transforms import util as beam_util
+
+    windows = [
+        IntervalWindow(len(s) // 4 * 4, len(s) // 4 * 4 + 4) if windowed else GlobalWindow()
+        for s in data
+    ]
+    ours = batching._SortingBatchingDoFn(
+        max_batch_size=max_batch_size,
+        max_batch_weight=max_batch_weight,
+        element_size_fn=None,
+        sizing=None,
+    )
+    beams_class = (
+        beam_util._WindowAwareSortAndBatchElementsDoFn
+        if windowed
+        else beam_util._SortAndBatchElementsDoFn
+    )
+    theirs = beams_class(1, max_batch_size, max_batch_weight, None)
+    assert _dofn_batches(ours, data, windows) == _dofn_batches(theirs, data, windows)
+
+
+def test_sort_and_batch_sized_by_the_sizer_grows_and_keeps_every_element() -> None:
+    """Given a target, the number per batch is the sizer's: it grows from the minimum while
+    the work downstream is cheap, within the bounds; each batch is sorted; nothing is lost."""
+    data = ["x" * (i % 17) for i in range(600)]
+
+    def slow(batch: list[str]) -> tuple[int, bool]:
+        time.sleep(0.001)
+        return len(batch), [len(s) for s in batch] == sorted(len(s) for s in batch)
+
+    def check(sizes: list[tuple[int, bool]]) -> None:
+        assert sum(n for n, _ in sizes) == len(data)
+        assert all(in_order for _, in_order in sizes)
+        assert max(n for n, _ in sizes) == 64
+        assert len(sizes) > len(data) / 64  # it started small
+
+    with beam.Pipeline() as pipeline:
+        out = (
+            pipeline
+            | beam.Create(data, reshuffle=False)
+            | beam_turbo.SortAndBatchElements(
+                min_batch_size=2,
+                max_batch_size=64,
+                max_batch_weight=10_000,
+                target_batch_duration_secs=0.05,
+            )
+            | beam.Map(slow)
+        )
+        assert_that(out, check)
+
+
+def test_sort_and_batch_holds_few_windows_and_loses_none() -> None:
+    data = [("w" * (i % 5), i) for i in range(300)]  # 300 windows of one second
+    with beam.Pipeline() as pipeline:
+        batches = (
+            pipeline
+            | beam.Create(data, reshuffle=False)
+            | beam.Map(lambda pair: TimestampedValue(pair[0], pair[1]))
+            | beam.WindowInto(window.FixedWindows(1))
+            | beam_turbo.SortAndBatchElements(
+                min_batch_size=1, max_batch_size=4, max_batch_weight=99
+            )
+            | beam.FlatMap(lambda batch: batch)
+        )
+        assert_that(batches, equal_to([s for s, _ in data]))
+
+
+def test_sort_and_batch_checks_its_arguments_as_beam_does() -> None:
+    with pytest.raises(ValueError, match="min_batch_size must be >= 1, got 0"):
+        beam_turbo.SortAndBatchElements(min_batch_size=0, max_batch_size=1, max_batch_weight=1)
+    with pytest.raises(TypeError, match="element_size_fn must be callable"):
+        beam_turbo.SortAndBatchElements(1, 2, 3, element_size_fn=3)  # type: ignore[arg-type]

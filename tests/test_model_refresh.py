@@ -17,7 +17,7 @@ its end-to-end test of a model replaced while the pipeline runs
 * the FnApiRunner (batch) computes the side input in full before any element is predicted, and
   a watch that reports more than one file (or the same file twice) makes ``AsSingleton`` fail.
 
-So the tests below watch in batch mode with one poll (``interval`` longer than the watch lives):
+So the tests below watch in batch mode with one poll (an ``interval`` longer than the session):
 the file found in the folder replaces the handler's own model, and a file arriving before a
 later run replaces the model that the process has cached under the same model identifier.
 """
@@ -83,11 +83,18 @@ def save_linear(path: Path, weight: float) -> LinearRegression:
 POINTS = [np.array([1.0, 2.0]), np.array([3.0, 4.0]), np.array([0.5, 0.25])]
 
 
+#: Longer than any test session: the watch polls exactly once. (Beam's MatchContinuously
+#: starts its poll window at ``Timestamp.now()`` evaluated when ``apache_beam.io.fileio`` was
+#: imported, so the window [that import, stop) holds ceil(span / interval) polls; with 60 s,
+#: a session past its first minute polled twice and AsSingleton saw the file twice.)
+ONE_POLL_INTERVAL = 10**7
+
+
 def watching(pattern: Path, **kwargs: Any) -> dict[str, Any]:
     """RunInference's arguments to watch ``pattern`` with exactly one poll."""
     return {
         "watch_model_pattern": str(pattern),
-        "interval": 60,
+        "interval": ONE_POLL_INTERVAL,
         "stop_timestamp": Timestamp.now() + Duration(seconds=1),
         **kwargs,
     }

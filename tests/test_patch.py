@@ -122,3 +122,33 @@ def test_patch_before_beam_imports_no_framework_and_covers_runinference() -> Non
         "patched": [True, True],
         "restored": ["apache_beam.ml.inference.base"] * 2,
     }
+
+
+def test_huggingface_handlers_import_no_tensorflow_and_patch_covers_beams() -> None:
+    """``beam_turbo.huggingface`` imports neither TensorFlow nor transformers (Beam's module
+    imports both); after ``patch()``, Beam's module gives beam-turbo's three handlers, and
+    importing it does not abort the process (triton comes before Beam's TensorFlow import)."""
+    result = _run(
+        f"""
+        import json, sys
+        import beam_turbo.huggingface
+        ours_loaded = {_LOADED} + [m for m in ("transformers",) if m in sys.modules]
+        beam_turbo.patch()
+        from apache_beam.ml.inference.huggingface_inference import (
+            HuggingFaceModelHandlerKeyedTensor as K,
+            HuggingFaceModelHandlerTensor as T,
+            HuggingFacePipelineModelHandler as P,
+        )
+        import apache_beam as beam
+        print(json.dumps({{
+            "ours_loaded": ours_loaded,
+            "patched": [K.__module__, T.__module__, P.__module__],
+            "sort_and_batch": beam.SortAndBatchElements.__module__,
+        }}))
+        """
+    )
+    assert result == {
+        "ours_loaded": ["torch"],  # Beam's inference base imports torch where installed
+        "patched": ["beam_turbo.huggingface"] * 3,
+        "sort_and_batch": "beam_turbo.batching",
+    }

@@ -4,6 +4,7 @@ load retries, OOM splitting, exception handling, metrics, and patch()/unpatch().
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,42 @@ def test_fused_batches_respect_the_size_bounds(tmp_path: Path) -> None:
     sizes = batch_sizes(record)
     assert sum(sizes) == len(data)
     assert max(sizes) <= 8
+
+
+def test_fused_dofns_in_one_process_share_what_the_sizer_learned() -> None:
+    """Each worker process has one sizer per fused transform: a second DoFn instance (a Flink
+    subtask, a Spark task, a DoFn rebuilt after a failed bundle) starts at the learned size
+    instead of climbing from 1 again."""
+    from apache_beam.internal import pickler
+
+    from beam_turbo._fused import FusedInferenceDoFn
+
+    def instance(template: bytes) -> FusedInferenceDoFn:
+        dofn: FusedInferenceDoFn = pickler.loads(template)
+        dofn.setup()
+        return dofn
+
+    fused = FusedInferenceDoFn(
+        handler=SizedDoubler(),
+        clock=time,
+        metrics_namespace=None,
+        model_tag="shared-sizer",
+        inference_args=None,
+        retries=0,
+        backoff_secs=0,
+        exc_class=None,
+        isolate_failures=False,
+    )
+    template = pickler.dumps(fused)
+    first, second = instance(template), instance(template)
+    assert first._sizing is second._sizing
+    first.start_bundle()
+    for x in range(100):
+        list(first.process(float(x)))
+    list(first.finish_bundle())
+    assert second._sizing.target() == first._sizing.target() == 8  # max_batch_size
+    other = instance(pickler.dumps(fused))  # another copy of the same transform's DoFn
+    assert other._sizing is first._sizing
 
 
 def test_fused_oom_teaches_the_sizer_a_ceiling(tmp_path: Path) -> None:

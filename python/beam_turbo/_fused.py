@@ -6,7 +6,7 @@ from __future__ import annotations
 import resource
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -72,6 +72,7 @@ class FusedInferenceDoFn(beam.DoFn):
         self._retries = retries
         self._backoff_secs = backoff_secs
         self._batching_args = dict(handler.batch_elements_kwargs())
+        self._sizing = Sizing.from_batching_args(self._batching_args)  # its key travels along
         # Beam's batch_length_fn: what is gathered is sorted by length, then batched.
         self._length_fn = self._batching_args.get("length_fn")
         self._exc_class = exc_class
@@ -86,7 +87,10 @@ class FusedInferenceDoFn(beam.DoFn):
         )
         self._chosen_size = Metrics.distribution(namespace, "beam_turbo_batch_size")
         self._stack_time = Metrics.distribution(namespace, "beam_turbo_stack_micro_secs")
-        self._sizing = Sizing.from_batching_args(self._batching_args)
+        self._length = None if self._length_fn is None else _unkeyed(self._length_fn, handler)
+        # Every instance of this DoFn in a worker process (Flink subtasks, Spark tasks, a DoFn
+        # rebuilt after a failed bundle) sizes with one sizer: the next starts where it is.
+        self._sizing = self._sizing.shared()
         self._load_with_retries = retrying(self._load, self._retries, self._backoff_secs)
         self._models = CachedModels(self._model_tag, namespace)
         self._model: Any = None
@@ -174,11 +178,11 @@ class FusedInferenceDoFn(beam.DoFn):
             batch.weight = len(batch.elements)  # not kept up on process()'s short path
         with cyclic_gc_paused():
             try:
-                if self._length_fn is None:
+                if self._length is None:
                     outputs = self._outputs(batch)
                 else:
                     outputs = []
-                    for part in by_length(batch.elements, self._sizing, self._length_fn):
+                    for part in by_length(batch.elements, self._sizing, self._length):
                         outputs += self._outputs(part)
             finally:
                 if window is _GLOBAL:
@@ -239,6 +243,26 @@ class FusedInferenceDoFn(beam.DoFn):
 
     def _ran_out_of_memory(self, part: Sequence[Any]) -> None:
         self._sizing.record_memory_failure(self._part_weight(part))
+
+
+def _unkeyed(length_fn: Callable[[Any], float], handler: Any) -> Callable[[Any], float]:
+    """The inner handler's ``batch_length_fn`` for the elements the fused DoFn sees: a
+    ``KeyedModelHandler`` passes its inner handler's batching arguments on, but gets
+    ``(key, example)`` pairs; a ``MaybeKeyedModelHandler`` gets either."""
+    if isinstance(handler, base.KeyedModelHandler):
+        return lambda element: length_fn(element[1])
+    if isinstance(handler, base.MaybeKeyedModelHandler):
+
+        def length(element: Any) -> float:
+            try:
+                return length_fn(element)
+            except Exception:
+                if isinstance(element, tuple) and len(element) == 2:
+                    return length_fn(element[1])
+                raise
+
+        return length
+    return length_fn
 
 
 class WindowedFusedInferenceDoFn(FusedInferenceDoFn):

@@ -25,6 +25,7 @@ from beam_turbo._native import BatchSizer
 __all__ = [
     "BATCHING_ARGS",
     "LENGTH_ARGS",
+    "MAX_PADDING",
     "NO_OUTPUT",
     "POOL_BATCHES",
     "SIZER_ARGS",
@@ -45,6 +46,8 @@ BATCHING_ARGS = SIZER_ARGS | {"element_size_fn", "max_batch_weight"}
 LENGTH_ARGS = frozenset({"length_fn", "bucket_boundaries"})
 #: How many batches' worth of elements the fused DoFn gathers before sorting them by length.
 POOL_BATCHES = 8
+#: A batch sorted by length closes before more than this share of its tokens would be padding.
+MAX_PADDING = 0.1
 
 
 #: What a batching DoFn's ``process`` returns for an element that completes no batch. (Not a
@@ -229,40 +232,51 @@ class WindowBatches:
 def by_length(
     elements: Sequence[Any], sizing: Sizing, length: Callable[[Any], float]
 ) -> Iterator[SizedBatch]:
-    """``elements`` sorted by ``length`` and cut into batches at the sizer's target, asked anew
-    for each batch (after the one before has run, when the caller runs each as it comes), so
-    that each batch holds elements of similar length and little of it is padding.
+    """``elements`` sorted by ``length`` and cut into batches of similar lengths, so that
+    little of each padded batch is padding: a batch closes at the sizer's target (asked anew
+    for each batch, after the one before has run, when the caller runs each as it comes), or
+    before padding would exceed :data:`MAX_PADDING` of its tokens, or before its padded weight
+    (its count times its heaviest element's weight: its tokens computed, when weights are
+    token counts) would exceed ``max_batch_weight``.
 
-    A batch also stays within ``max_batch_weight`` when padded: its count times its heaviest
-    element's weight (its tokens computed, when weights are token counts). An element whose
-    length cannot be read sorts first; the batch it is in fails, and says why.
+    An element whose length cannot be read sorts first; the batch it is in fails, and says
+    why.
 
     Example:
-        >>> sizing = Sizing.from_batching_args({"min_batch_size": 2, "max_batch_size": 2})
-        >>> [b.elements for b in by_length(["ccc", "a", "dddd", "bb"], sizing, len)]
-        [['a', 'bb'], ['ccc', 'dddd']]
+        >>> sizing = Sizing.from_batching_args({"min_batch_size": 3, "max_batch_size": 3})
+        >>> words = ["xxxxx", "a", "yyyyy", "b", "zzzzz", "cc"]
+        >>> [b.elements for b in by_length(words, sizing, len)]
+        [['a', 'b'], ['cc'], ['xxxxx', 'yyyyy', 'zzzzz']]
     """
 
     def sort_key(element: Any) -> float:
         try:
-            return float(length(element))
+            return max(0.0, float(length(element)))
         except Exception:  # the handler reports it, for the batch that holds it
-            return -1.0
+            return 0.0
 
-    ordered = sorted(elements, key=sort_key)
+    ordered = sorted(((sort_key(element), element) for element in elements), key=_first)
     start = 0
     while start < len(ordered):
         batch = SizedBatch(sizing.target())
-        heaviest = 0.0
-        for element in ordered[start:]:
+        heaviest = tokens = 0.0
+        for longest, element in ordered[start:]:
             weight = sizing.element_weight(element)
-            padded = (len(batch.elements) + 1) * max(heaviest, weight)
+            count = len(batch.elements) + 1
+            padded_tokens = count * longest
             if batch.elements and (
-                batch.weight + weight > batch.target or padded > sizing.max_weight
+                batch.weight + weight > batch.target
+                or count * max(heaviest, weight) > sizing.max_weight
+                or padded_tokens - (tokens + longest) > MAX_PADDING * padded_tokens
             ):
                 break
             batch.elements.append(element)
             batch.weight += weight
             heaviest = max(heaviest, weight)
+            tokens += longest
         start += len(batch.elements)
         yield batch
+
+
+def _first(pair: tuple[float, Any]) -> float:
+    return pair[0]

@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from beam_turbo._loading import loading_model
 from beam_turbo._oom import run_splitting_on_oom
 from beam_turbo._padding import check_pad_values, token_length
 from beam_turbo._results import prediction_results
@@ -88,6 +91,12 @@ def _check_model_args(model_uri: Any, model_class: Any) -> None:
         )
 
 
+def _is_local_path(uri: Any) -> bool:
+    return isinstance(uri, str | os.PathLike) and (
+        os.path.isabs(uri) or str(uri).startswith((".", "~")) or os.path.exists(uri)
+    )
+
+
 def _torch_device(name: Any) -> torch.device:
     """The torch device for Beam's ``device`` argument ('CPU', 'GPU', or beam-turbo's 'auto',
     'cuda:N', ...); CUDA that cannot be used gives Beam's warning and the CPU."""
@@ -117,7 +126,11 @@ class _HuggingFaceTorch(_TorchRunner):
     def load_model(self) -> Any:
         """Load the model with ``model_class.from_pretrained(model_uri, **load_model_args)``;
         a PyTorch model goes to the device, its grads off."""
-        model = self._model_class.from_pretrained(self._model_uri, **self._model_config_args)
+        # A local folder that is missing or not a model: an error that names it (HuggingFace
+        # takes a missing absolute path for a malformed hub id). Hub ids are HF's to judge.
+        local = _is_local_path(self._model_uri)
+        with loading_model(self._model_uri, "HuggingFace model") if local else nullcontext():
+            model = self._model_class.from_pretrained(self._model_uri, **self._model_config_args)
         if self._framework in ("pt", ""):
             self._device = _torch_device(self._device_name)
             if isinstance(model, torch.nn.Module):

@@ -436,7 +436,7 @@ class PytorchModelHandlerKeyedTensor(_TorchRunner, beam_pytorch.PytorchModelHand
     ``attention_mask``): padding changes what a model that ignores it computes.
 
     Example:
-        >>> import torch
+        >>> import os, tempfile, torch
         >>> from beam_turbo.pytorch import PytorchModelHandlerKeyedTensor
         >>> class Embed(torch.nn.Module):
         ...     def __init__(self):
@@ -444,9 +444,11 @@ class PytorchModelHandlerKeyedTensor(_TorchRunner, beam_pytorch.PytorchModelHand
         ...         self.table = torch.nn.Embedding(10, 2)
         ...     def forward(self, input_ids, attention_mask):
         ...         return self.table(input_ids) * attention_mask[..., None]
+        >>> path = os.path.join(tempfile.mkdtemp(), "embed.pt")
+        >>> torch.save(Embed().state_dict(), path)
         >>> handler = PytorchModelHandlerKeyedTensor(
-        ...     model_class=Embed, pad_values={"input_ids": 0, "attention_mask": 0})
-        >>> model = Embed()
+        ...     path, Embed, pad_values={"input_ids": 0, "attention_mask": 0})
+        >>> model = handler.load_model()
         >>> batch = [{"input_ids": torch.tensor([1, 2, 3]), "attention_mask": torch.ones(3)},
         ...          {"input_ids": torch.tensor([4]), "attention_mask": torch.ones(1)}]
         >>> [tuple(r.inference.shape) for r in handler.run_inference(batch, model)]

@@ -17,7 +17,8 @@ variant). Three variants:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -25,7 +26,6 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from beam_turbo.bench.real_models import (
-    BARE_BATCH,
     RealModel,
     Variant,
     as_line,
@@ -116,30 +116,30 @@ def mean_pool(keyed: tuple[int, Any]) -> tuple[int, np.ndarray[Any, Any]]:
     return key, pooled.numpy()
 
 
-def bare(spec: dict[str, Any], chunks: list[int]) -> dict[str, float]:
-    """The model alone on the sentences of ``chunks``, tokenized beforehand: one at a time,
-    and sorted by length in batches of ``BARE_BATCH`` padded to their longest."""
+def bare(spec: dict[str, Any], chunks: list[int], batch_sizes: Sequence[int]) -> dict[str, float]:
+    """The model alone on the sentences of ``chunks``, tokenized beforehand: one at a time
+    (``"1"``), and sorted by length in batches of each of ``batch_sizes``, padded to their
+    longest."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])  # type: ignore[no-untyped-call]
     model = AutoModel.from_pretrained(spec["model_dir"]).eval()
     texts = sorted((s for seed in chunks for s in sentences(seed)), key=len)
-    singles = [tokenizer(text, return_tensors="pt") for text in texts]
-    batches = [
-        tokenizer(texts[i : i + BARE_BATCH], return_tensors="pt", padding=True)
-        for i in range(0, len(texts), BARE_BATCH)
-    ]
 
     def run(inputs: list[Any]) -> None:
         with torch.no_grad():
             for encoded in inputs:
                 model(**encoded)
 
-    return {
-        "one": best_rate(lambda: run(singles), len(texts)),
-        "batched": best_rate(lambda: run(batches), len(texts)),
-    }
+    rates = {}
+    for size in (1, *batch_sizes):
+        batches = [
+            tokenizer(texts[i : i + size], return_tensors="pt", padding=True)
+            for i in range(0, len(texts), size)
+        ]
+        rates[str(size)] = best_rate(functools.partial(run, batches), len(texts))
+    return rates
 
 
 def padding_counters(variant: Variant) -> tuple[str, str]:
@@ -253,7 +253,8 @@ MODEL = RealModel(
     build=build,
     padding_counters=padding_counters,
     bare=bare,
-    bare_batches=" sorted by length, padded to their longest",
+    bare_batch_sizes=(4, 8, 16, 32),
+    bare_batches=" (sorted by length, padded to their longest)",
     notes=(
         "padding: the share of the tokens computed that were padding "
         "(stock-1 runs each sentence alone, so none)",

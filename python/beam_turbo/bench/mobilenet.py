@@ -9,16 +9,16 @@ a pipeline reading images would. Stock Beam's ``PytorchModelHandlerTensor`` and
 
 from __future__ import annotations
 
+import functools
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 
 from beam_turbo.bench.real_models import (
-    BARE_BATCH,
     RealModel,
     Variant,
     as_line,
@@ -79,9 +79,9 @@ def logits(keyed: tuple[int, Any]) -> tuple[int, np.ndarray[Any, Any]]:
     return key, result.inference.numpy()
 
 
-def bare(spec: dict[str, Any], chunks: list[int]) -> dict[str, float]:
-    """The model alone on the images of ``chunks``, decoded beforehand: one at a time, and
-    stacked in batches of ``BARE_BATCH``."""
+def bare(spec: dict[str, Any], chunks: list[int], batch_sizes: Sequence[int]) -> dict[str, float]:
+    """The model alone on the images of ``chunks``, decoded beforehand: one at a time
+    (``"1"``), and stacked in batches of each of ``batch_sizes``."""
     import torch
     import torchvision
 
@@ -89,18 +89,17 @@ def bare(spec: dict[str, Any], chunks: list[int]) -> dict[str, float]:
     model.load_state_dict(torch.load(spec["state_dict_path"]))
     model.eval()
     images = [decode((0, image))[1] for seed in chunks for image in jpeg_images(seed)]
-    singles = [image[None] for image in images]
-    batches = [torch.stack(images[i : i + BARE_BATCH]) for i in range(0, len(images), BARE_BATCH)]
 
     def run(inputs: list[Any]) -> None:
         with torch.no_grad():
             for batch in inputs:
                 model(batch)
 
-    return {
-        "one": best_rate(lambda: run(singles), len(images)),
-        "batched": best_rate(lambda: run(batches), len(images)),
-    }
+    rates = {}
+    for size in (1, *batch_sizes):
+        batches = [torch.stack(images[i : i + size]) for i in range(0, len(images), size)]
+        rates[str(size)] = best_rate(functools.partial(run, batches), len(images))
+    return rates
 
 
 def prepare(folder: str) -> dict[str, Any]:

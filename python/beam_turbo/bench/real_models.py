@@ -36,9 +36,6 @@ from beam_turbo.bench._timing import print_table
 #: ``--framework`` name -> the module defining its ``MODEL``.
 REAL_MODELS = {"minilm": "beam_turbo.bench.minilm", "mobilenet": "beam_turbo.bench.mobilenet"}
 
-#: The batch size of the bare model's batched timing.
-BARE_BATCH = 32
-
 #: Beam's RunInference metric of the elements in each batch run, recorded by both stock Beam's
 #: and beam-turbo's RunInference (the same figures as ``BatchElements/batch_size`` and
 #: ``beam_turbo_batch_size``).
@@ -80,12 +77,13 @@ class RealModel:
     prepare: Callable[[str], dict[str, Any]]  # in the parent: save the model, say where
     build: Callable[..., None]  # (pipeline, spec, variant, chunks, output) in a worker
     padding_counters: Callable[[Variant], tuple[str, str] | None] = lambda _: None
-    bare_batches: str = ""  # how the bare model's batches are made, if not plain stacking
     notes: tuple[str, ...] = field(default_factory=tuple)
-    #: The model alone, without Beam, over the elements of ``chunks`` (in a worker): elements
-    #: per second one at a time and in batches of ``BARE_BATCH`` (sorted by length where
-    #: lengths differ): what batching itself can gain on this machine.
-    bare: Callable[[dict[str, Any], list[int]], dict[str, float]] | None = None
+    #: The model alone, without Beam, over the elements of ``chunks`` (in a worker):
+    #: elements per second one at a time (key ``"1"``) and in batches of each of
+    #: ``bare_batch_sizes``: what batching itself can gain on this machine.
+    bare: Callable[[dict[str, Any], list[int], Sequence[int]], dict[str, float]] | None = None
+    bare_batch_sizes: tuple[int, ...] = (8, 32)
+    bare_batches: str = ""  # how the bare model's batches are made, if not plain stacking
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
@@ -406,11 +404,14 @@ def print_results(
         print(note)
     bare = found[reference].bare
     if bare:
+        one = bare.pop("1")
+        sizes = ", ".join(f"{size}: {rate:,.1f}" for size, rate in bare.items())
+        best_size, best = max(bare.items(), key=lambda item: item[1])
         print(
             f"the model alone, without Beam, over the {large - small:,} timed {model.unit} "
-            f"(best of 2): one at a time {bare['one']:,.1f} {model.unit}/s, in batches of "
-            f"{BARE_BATCH}{model.bare_batches} {bare['batched']:,.1f} "
-            f"({bare['batched'] / bare['one']:.2f}x: what batching itself gains here)"
+            f"(best of 2), {model.unit}/s: one at a time {one:,.1f}; in batches"
+            f"{model.bare_batches} of {sizes}; the best, {best_size}, {best / one:.2f}x one at "
+            "a time (what batching itself gains here)"
         )
     all_same = True
     print(f"\noutputs over the first {small:,} {model.unit}, against {reference}:")
@@ -587,7 +588,8 @@ def _serve(config_json: str) -> None:
                 timed = chunks_for(
                     command["small"], command["large"], model.chunk, command["large"], 1
                 )
-                reply(model.bare(spec, timed[command["small"] // model.chunk :]))
+                timed = timed[command["small"] // model.chunk :]
+                reply(model.bare(spec, timed, model.bare_batch_sizes))
                 continue
             chunks = chunks_for(
                 command["small"],

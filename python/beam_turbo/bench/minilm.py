@@ -28,9 +28,9 @@ from apache_beam.metrics import Metrics
 from beam_turbo.bench.real_models import (
     RealModel,
     Variant,
-    as_line,
     best_rate,
     keyed_elements,
+    write_or_count,
 )
 
 CHUNK = 16  # sentences generated per seed
@@ -198,10 +198,7 @@ def build(
         )
         results = examples | "RunInference" >> base.RunInference(base.KeyedModelHandler(handler))
     embeddings = results | "MeanPool" >> beam.Map(mean_pool)
-    if output is None:
-        _ = embeddings | "Count" >> beam.combiners.Count.Globally()
-    else:
-        _ = embeddings | "Format" >> beam.Map(as_line) | "Write" >> beam.io.WriteToText(output)
+    write_or_count(embeddings, output)
 
 
 class Tokenize(beam.DoFn):

@@ -21,9 +21,9 @@ import numpy as np
 from beam_turbo.bench.real_models import (
     RealModel,
     Variant,
-    as_line,
     best_rate,
     keyed_elements,
+    write_or_count,
 )
 
 CHUNK = 16  # images generated per seed
@@ -155,10 +155,7 @@ def build(
         stock = pytorch_inference.PytorchModelHandlerTensor(**handler_args)
         results = images | "RunInference" >> base.RunInference(base.KeyedModelHandler(stock))
     scores = results | "Logits" >> beam.Map(logits)
-    if output is None:
-        _ = scores | "Count" >> beam.combiners.Count.Globally()
-    else:
-        _ = scores | "Format" >> beam.Map(as_line) | "Write" >> beam.io.WriteToText(output)
+    write_or_count(scores, output)
 
 
 MODEL = RealModel(

@@ -531,6 +531,17 @@ def run_pipeline(
     return {"seconds": seconds, **_metrics(result)}
 
 
+def write_or_count(keyed_outputs: Any, output: str | None) -> None:
+    """The pipeline's end: ``(id, output)`` lines written to ``output`` (to compare variants),
+    or only counted (a timed run)."""
+    import apache_beam as beam
+
+    if output is None:
+        _ = keyed_outputs | "Count" >> beam.combiners.Count.Globally()
+    else:
+        _ = keyed_outputs | "Format" >> beam.Map(as_line) | "Write" >> beam.io.WriteToText(output)
+
+
 def as_line(keyed: tuple[int, Any]) -> str:
     """``key<TAB>values``, as :func:`beam_turbo.bench.e2e.read_predictions` reads them."""
     import numpy as np

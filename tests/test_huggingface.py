@@ -430,3 +430,35 @@ def test_a_missing_or_broken_model_folder_is_named(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(OSError, match=f"config file at '{tmp_path}/config.json' is not a valid"):
         HuggingFaceModelHandlerTensor(str(tmp_path), transformers.AutoModel).load_model()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_padded_batches_on_the_gpu_equal_the_cpu_alone(tiny_bert: str) -> None:
+    """device='GPU': the model on CUDA, the padded inputs copied there; each element's outputs
+    equal the CPU model's on it alone (float tolerance across devices)."""
+    handler = HuggingFaceModelHandlerKeyedTensor(
+        tiny_bert, transformers.AutoModel, "pt", "GPU", pad_values=PADS
+    )
+    model = handler.load_model()
+    assert next(model.parameters()).device.type == "cuda"
+    cpu_model = transformers.AutoModel.from_pretrained(tiny_bert).eval()
+    batch = tokens([3, 17, 1, 9])
+    for element, result in zip(batch, handler.run_inference(batch, model), strict=True):
+        hidden = result.inference["last_hidden_state"]
+        assert hidden.device.type == "cuda"
+        expected = alone(cpu_model, element).last_hidden_state[0]
+        torch.testing.assert_close(hidden.cpu(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fall-back without CUDA")
+def test_gpu_without_cuda_falls_back_with_beams_warning(
+    tiny_bert: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = HuggingFaceModelHandlerKeyedTensor(tiny_bert, transformers.AutoModel, "pt", "GPU")
+    with caplog.at_level("WARNING", logger="apache_beam.ml.inference.huggingface_inference"):
+        model = handler.load_model()
+    assert next(model.parameters()).device.type == "cpu"
+    assert "GPUs are not available. Switching to CPU." in caplog.text
+    results = list(handler.run_inference(tokens([4, 4]), model))
+    assert results[0].inference["last_hidden_state"].shape == (4, HIDDEN)

@@ -42,7 +42,6 @@ import torch
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from beam_turbo._loading import loading_model
-from beam_turbo._oom import run_splitting_on_oom
 from beam_turbo._padding import check_pad_values, token_length
 from beam_turbo._results import prediction_results
 from beam_turbo.errors import InvalidInputError
@@ -296,16 +295,7 @@ class HuggingFaceModelHandlerTensor(_HuggingFaceTorch, ModelHandler):
             return self._run_user_fn(batch, model, args, self._model_uri)
         if self._framework == "tf":
             return _run_tensorflow(batch, model, self._device_name, args, self._model_uri)
-        model_id = self._model_uri
-
-        def run(part: Sequence[Any]) -> list[PredictionResult]:
-            with self._modes():
-                inputs = self._staging.to_device(part, self._device)
-                predictions = model(inputs, **args)
-            self._byte_sizes.remember(part, inputs.nbytes)
-            return prediction_results(part, predictions, model_id)
-
-        return run_splitting_on_oom(run, batch)
+        return self._run_stacked(batch, model, args, self._model_uri)
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
         """The batch's true size in bytes (TensorFlow: Beam's ``sys.getsizeof`` sum)."""

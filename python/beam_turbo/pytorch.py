@@ -244,6 +244,24 @@ class _TorchRunner:
 
         return run_splitting_on_oom(run, batch)
 
+    def _run_stacked(
+        self,
+        batch: Sequence[torch.Tensor],
+        model: torch.nn.Module,
+        args: dict[str, Any],
+        model_id: str | None,
+    ) -> list[PredictionResult]:
+        """The default inference on tensors: one stacked batch, the model called with it."""
+
+        def run(part: Sequence[torch.Tensor]) -> list[PredictionResult]:
+            with self._modes():
+                inputs = self._staging.to_device(part, self._device)
+                predictions = model(inputs, **args)
+            self._byte_sizes.remember(part, inputs.nbytes)
+            return prediction_results(part, predictions, model_id)
+
+        return run_splitting_on_oom(run, batch)
+
     _pad_values: dict[str, int | float] | None = None
 
     def _run_keyed(
@@ -398,14 +416,7 @@ class PytorchModelHandlerTensor(_TorchRunner, beam_pytorch.PytorchModelHandlerTe
         if self._inference_fn is not beam_pytorch.default_tensor_inference_fn:
             return self._run_user_fn(batch, model, args, model_id)
 
-        def run(part: Sequence[torch.Tensor]) -> list[PredictionResult]:
-            with self._modes():
-                inputs = self._staging.to_device(part, self._device)
-                predictions = model(inputs, **args)
-            self._byte_sizes.remember(part, inputs.nbytes)
-            return prediction_results(part, predictions, model_id)
-
-        return run_splitting_on_oom(run, batch)
+        return self._run_stacked(batch, model, args, model_id)
 
 
 def _beam_device_name(device: str | torch.device) -> str:

@@ -256,11 +256,12 @@ def by_length(
             return 0.0
 
     ordered = sorted(((sort_key(element), element) for element in elements), key=_first)
-    start = 0
-    while start < len(ordered):
+    next_one = 0
+    while next_one < len(ordered):
         batch = SizedBatch(sizing.target())
         heaviest = tokens = 0.0
-        for longest, element in ordered[start:]:
+        while next_one < len(ordered):
+            longest, element = ordered[next_one]
             weight = sizing.element_weight(element)
             count = len(batch.elements) + 1
             padded_tokens = count * longest
@@ -274,7 +275,7 @@ def by_length(
             batch.weight += weight
             heaviest = max(heaviest, weight)
             tokens += longest
-        start += len(batch.elements)
+            next_one += 1
         yield batch
 
 

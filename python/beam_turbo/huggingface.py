@@ -182,7 +182,7 @@ class HuggingFaceModelHandlerKeyedTensor(_HuggingFaceTorch, ModelHandler):
             )
         if self._pad_values is not None and batch_length_fn is None:
             # RunInference sorts what it gathers by length, so that padding stays small.
-            batch_length_fn = _partial_token_length(self._pad_values)
+            batch_length_fn = functools.partial(token_length, pad_values=self._pad_values)
         super().__init__(
             min_batch_size=min_batch_size,
             max_batch_size=max_batch_size,
@@ -229,10 +229,6 @@ class HuggingFaceModelHandlerKeyedTensor(_HuggingFaceTorch, ModelHandler):
 
     def get_metrics_namespace(self) -> str:
         return "BeamML_HuggingFaceModelHandler_KeyedTensor"
-
-
-def _partial_token_length(pad_values: dict[str, int | float]) -> Callable[[Any], int]:
-    return functools.partial(token_length, pad_values=pad_values)
 
 
 class HuggingFaceModelHandlerTensor(_HuggingFaceTorch, ModelHandler):

@@ -21,12 +21,16 @@ from collections.abc import Callable
 from typing import Any
 
 import apache_beam as beam
+from apache_beam import typehints
+from apache_beam.coders import typecoders
 from apache_beam.ml.inference import base
 from apache_beam.transforms import window as beam_window
 
+from beam_turbo import _beam_internals as internals
 from beam_turbo._dead_letters import DEAD_LETTER_TAG, MAIN_TAG, check_threshold
 from beam_turbo._fused import FusedInferenceDoFn, WindowedFusedInferenceDoFn
 from beam_turbo._sizing import BATCHING_ARGS, LENGTH_ARGS
+from beam_turbo._streaming import STREAMING_ARGS, stateful_fused_dofn
 from beam_turbo._two_steps import TurboRunInferenceDoFn
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
@@ -145,9 +149,10 @@ class RunInference(base.RunInference):
         ``inference_args`` given as a side input,
         exception handling with a ``timeout`` or ``use_subprocess`` (Beam's wrappers time and
         isolate each ``process`` call, and a fused DoFn buffers across calls), the model
-        manager or cross-process models, no batching, or batching options that need Beam's
-        streaming or bucketing DoFns. Plain exception handling fuses: the fused DoFn sends
-        every element of a failing batch to the dead-letter output itself.
+        manager or cross-process models, no batching, or batching options outside beam-turbo's
+        (a custom handler's). Plain exception handling fuses: the fused DoFn sends every
+        element of a failing batch to the dead-letter output itself. ``max_batch_duration_secs``
+        fuses too, batching across bundles in keyed state (``_streaming``).
         """
         handler = self._model_handler
         wrapped = self._with_exception_handling and (
@@ -162,7 +167,7 @@ class RunInference(base.RunInference):
             and not self._use_model_manager
             and not handler.share_model_across_processes()
             and not handler.should_skip_batching()
-            and set(handler.batch_elements_kwargs()) <= BATCHING_ARGS | LENGTH_ARGS
+            and set(handler.batch_elements_kwargs()) <= BATCHING_ARGS | LENGTH_ARGS | STREAMING_ARGS
         )
 
     def expand(self, pcoll: beam.PCollection) -> Any:
@@ -181,9 +186,7 @@ class RunInference(base.RunInference):
     def _infer_fused(self, pcoll: beam.PCollection) -> tuple[Any, Any]:
         """Batching and inference in one DoFn: the results, and the dead letters (or None)."""
         handler = self._model_handler
-        global_only = isinstance(pcoll.windowing.windowfn, beam_window.GlobalWindows)
-        fused_class = FusedInferenceDoFn if global_only else WindowedFusedInferenceDoFn
-        fused = fused_class(
+        arguments = dict(
             handler=handler,
             clock=self._clock,
             metrics_namespace=self._metrics_namespace,
@@ -194,10 +197,28 @@ class RunInference(base.RunInference):
             exc_class=self._exc_class if self._with_exception_handling else None,
             isolate_failures=self._isolate_failures,
         )
+        max_buffering_secs = handler.batch_elements_kwargs().get("max_batch_duration_secs")
+        fused: beam.DoFn
+        batched = pcoll
+        if max_buffering_secs is not None:
+            # Across bundles, in keyed state: keyed per worker process, as Beam's batching is.
+            fused = stateful_fused_dofn(
+                input_coder=typecoders.registry.get_coder(pcoll),
+                max_buffering_secs=max_buffering_secs,
+                **arguments,
+            )
+            keying = beam.ParDo(internals.shared_key_dofn()).with_output_types(
+                typehints.KV[str, pcoll.element_type]  # a str key: deterministic
+            )
+            batched = pcoll | "BeamML_RunInference_Key" >> keying
+        elif isinstance(pcoll.windowing.windowfn, beam_window.GlobalWindows):
+            fused = FusedInferenceDoFn(**arguments)
+        else:
+            fused = WindowedFusedInferenceDoFn(**arguments)
         pardo = beam.ParDo(fused).with_resource_hints(**handler.get_resource_hints())
         if not self._with_exception_handling:
-            return pcoll | "BeamML_RunInference" >> pardo, None
-        outputs = pcoll | "BeamML_RunInference" >> pardo.with_outputs(
+            return batched | "BeamML_RunInference" >> pardo, None
+        outputs = batched | "BeamML_RunInference" >> pardo.with_outputs(
             DEAD_LETTER_TAG, main=MAIN_TAG
         )
         bad_inference = outputs[DEAD_LETTER_TAG]

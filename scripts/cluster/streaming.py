@@ -38,6 +38,7 @@ def summary(values: list[float]) -> dict[str, Any]:
         "count": len(values),
         "mean": round(statistics.fmean(values), 3),
         "p50": round(ordered[len(ordered) // 2], 3),
+        "p90": round(ordered[int(len(ordered) * 0.9)], 3),
         "p99": round(ordered[int(len(ordered) * 0.99)], 3),
         "max": round(ordered[-1], 3),
     }
@@ -94,6 +95,10 @@ def main() -> None:
     parser.add_argument("--max-batch-duration-secs", type=float)
     parser.add_argument("--max-bundle-size", type=int)
     parser.add_argument(
+        "--max-bundle-time-mills", type=int, help="Flink's bundle time limit, ms (default 1,000)"
+    )
+    parser.add_argument("--which", nargs="+", default=["stock", "turbo"], choices=["stock", "turbo"])
+    parser.add_argument(
         "--start-delay", type=float, default=45, help="seconds from submission to the first impulse"
     )
     args = parser.parse_args()
@@ -102,8 +107,10 @@ def main() -> None:
     extra = ["--streaming"]
     if args.max_bundle_size:
         extra.append(f"--max_bundle_size={args.max_bundle_size}")
+    if args.max_bundle_time_mills:
+        extra.append(f"--max_bundle_time_mills={args.max_bundle_time_mills}")
     options = Cluster("flink", settings()).options(*extra)
-    for which in ("stock", "turbo"):
+    for which in args.which:
         with tempfile.TemporaryDirectory(prefix="streaming-") as folder:
             report = run(options, which, args, Path(folder))
         report.update(
@@ -111,6 +118,7 @@ def main() -> None:
             seconds=args.seconds,
             max_batch_duration_secs=args.max_batch_duration_secs,
             max_bundle_size=args.max_bundle_size,
+            max_bundle_time_mills=args.max_bundle_time_mills,
         )
         print(json.dumps(report), flush=True)
 

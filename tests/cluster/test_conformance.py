@@ -85,6 +85,14 @@ def test_sklearn_results_equal_stock_beams(conformance: Run) -> None:
     np.testing.assert_allclose([turbo[i][0] for i in range(N)], local, rtol=1e-9)
 
 
+def test_stateful_batching_results_equal_stock_beams(conformance: Run) -> None:
+    """``max_batch_duration_secs``: batches kept in keyed state across bundles (Beam's
+    stateful ``BatchElements``; beam-turbo's stateful fused DoFn), each element in one batch."""
+    assert_same_results(conformance, "sk_stateful_stock", "sk_stateful_turbo", rtol=1e-9)
+    ran = workloads.read_pairs(conformance.records("sk_stateful_turbo.batches"))
+    assert sum(size for _, size in ran) == N
+
+
 def test_torch_results_equal_stock_beams(conformance: Run) -> None:
     assert_same_results(conformance, "torch_stock", "torch_turbo", rtol=1e-5)
 

@@ -211,6 +211,40 @@ class RecordLatency(beam.DoFn):
             append(self._path, "\n".join(self._latencies))
 
 
+class ImpulseRow:
+    """A row for an impulse fired at ``timestamp``: its first feature is the impulse's index
+    (``rate`` impulses a second from ``start``), its second the time it fired, in seconds."""
+
+    def __init__(self, start: float, rate: float) -> None:
+        self.start, self.rate = start, rate
+
+    def __call__(self, timestamp: Any) -> np.ndarray[Any, Any]:
+        row = np.ones(FEATURES)
+        row[0] = round((float(timestamp) - self.start) * self.rate)
+        row[1] = float(timestamp)
+        return row
+
+
+class RecordResults(beam.DoFn):
+    """Records, per result, ``index prediction latency`` (``ImpulseRow``'s index; seconds from
+    the impulse to now) in ``<name>.results``: a streaming job's output, read after it ends."""
+
+    def __init__(self, record_dir: str, name: str) -> None:
+        self._path = os.path.join(record_dir, name + ".results")
+
+    def start_bundle(self) -> None:
+        self._lines: list[str] = []
+
+    def process(self, result: base.PredictionResult) -> None:
+        example = result.example
+        latency = time.time() - float(example[1])
+        self._lines.append(f"{int(example[0])} {float(result.inference)!r} {latency:.4f}")
+
+    def finish_bundle(self) -> None:
+        if self._lines:
+            append(self._path, "\n".join(self._lines))
+
+
 def index_of(example: Any) -> int:
     return int(example[0])
 
@@ -291,6 +325,25 @@ def build_conformance(pipeline: beam.Pipeline, paths: Paths, n: int) -> None:
         sk_rows
         | "sk turbo" >> beam_turbo.RunInference(recorded(TurboSklearn(sk_model), rec, "sk_turbo"))
         | "sk turbo lines" >> to_line("sk_turbo")
+    )
+
+    # max_batch_duration_secs: Beam's stateful BatchElements, and beam-turbo's stateful
+    # fused DoFn, both keeping batches in keyed state (with timers) on the runner.
+    outputs.append(
+        sk_rows
+        | "sk stateful stock"
+        >> base.RunInference(
+            recorded(StockSklearn(sk_model, max_batch_duration_secs=1), rec, "sk_stateful_stock")
+        )
+        | "sk stateful stock lines" >> to_line("sk_stateful_stock")
+    )
+    outputs.append(
+        sk_rows
+        | "sk stateful turbo"
+        >> beam_turbo.RunInference(
+            recorded(TurboSklearn(sk_model, max_batch_duration_secs=1), rec, "sk_stateful_turbo")
+        )
+        | "sk stateful turbo lines" >> to_line("sk_stateful_turbo")
     )
 
     torch_model = paths.torch_model

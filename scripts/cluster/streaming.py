@@ -97,7 +97,9 @@ def main() -> None:
     parser.add_argument(
         "--max-bundle-time-mills", type=int, help="Flink's bundle time limit, ms (default 1,000)"
     )
-    parser.add_argument("--which", nargs="+", default=["stock", "turbo"], choices=["stock", "turbo"])
+    parser.add_argument(
+        "--which", nargs="+", default=["stock", "turbo"], choices=["stock", "turbo"]
+    )
     parser.add_argument(
         "--start-delay", type=float, default=45, help="seconds from submission to the first impulse"
     )

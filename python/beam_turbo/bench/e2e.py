@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import resource
 import statistics
 import tempfile
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.ml.inference import base
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -176,16 +178,37 @@ def as_line(keyed: tuple[int, Any]) -> str:
     return f"{key}\t" + " ".join(repr(float(v)) for v in values)
 
 
+#: The metric through which each SDK worker process reports its peak resident memory.
+PEAK_METRIC = ("beam_turbo_bench", "worker_peak_rss_kib")
+
+
+class _ReportPeakMemory(beam.DoFn):
+    """Passes elements on; at the end of each bundle, reports the peak resident memory of the
+    worker process it runs in (fused with RunInference, so the process that runs the model)."""
+
+    def setup(self) -> None:
+        self._peak = Metrics.distribution(*PEAK_METRIC)
+
+    def process(self, element: Any) -> Iterator[Any]:
+        yield element
+
+    def finish_bundle(self) -> None:
+        self._peak.update(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 def run_pipeline(
     framework: Framework,
     which: str,
     elements: int,
     options: Sequence[str] = (),
     output: str | None = None,
+    worker_peaks: list[float] | None = None,
 ) -> float:
     """Run one pipeline over ``elements`` generated elements; its wall time in seconds.
 
     ``which`` is ``stock``, ``turbo`` or ``floor`` (an identity ``Map`` for RunInference).
+    With ``worker_peaks``, the largest peak resident memory (MiB) of the SDK worker processes
+    that ran the model is appended to it (a runner's workers, not this process).
     """
     from beam_turbo.inference import RunInference
 
@@ -193,25 +216,34 @@ def run_pipeline(
     make = framework.make_element
     keyed = output is not None  # ids, to compare predictions element by element
     start = time.perf_counter()
-    with beam.Pipeline(options=PipelineOptions(list(options))) as pipeline:
-        examples = (
-            pipeline
-            | "Seeds" >> beam.Create(seeds)
-            | "Generate" >> beam.FlatMap(generate, make, keyed=keyed, features=framework.features)
-        )
-        if which == "floor":
-            results = examples | "Identity" >> beam.Map(lambda x: x)
-        else:
-            handler = framework.stock if which == "stock" else framework.turbo
-            transform = base.RunInference if which == "stock" else RunInference
-            if keyed:
-                handler = base.KeyedModelHandler(handler)
-            results = examples | "RunInference" >> transform(handler)
-        if output is not None:
-            _ = results | "Format" >> beam.Map(as_line) | "Write" >> beam.io.WriteToText(output)
-        else:
-            _ = results | "Count" >> beam.combiners.Count.Globally()
-    return time.perf_counter() - start
+    pipeline = beam.Pipeline(options=PipelineOptions(list(options)))
+    examples = (
+        pipeline
+        | "Seeds" >> beam.Create(seeds)
+        | "Generate" >> beam.FlatMap(generate, make, keyed=keyed, features=framework.features)
+    )
+    if which == "floor":
+        results = examples | "Identity" >> beam.Map(lambda x: x)
+    else:
+        handler = framework.stock if which == "stock" else framework.turbo
+        transform = base.RunInference if which == "stock" else RunInference
+        if keyed:
+            handler = base.KeyedModelHandler(handler)
+        results = examples | "RunInference" >> transform(handler)
+    if worker_peaks is not None:
+        results = results | "Peak memory" >> beam.ParDo(_ReportPeakMemory())
+    if output is not None:
+        _ = results | "Format" >> beam.Map(as_line) | "Write" >> beam.io.WriteToText(output)
+    else:
+        _ = results | "Count" >> beam.combiners.Count.Globally()
+    result = pipeline.run()
+    result.wait_until_finish()
+    seconds = time.perf_counter() - start
+    if worker_peaks is not None:
+        query = MetricsFilter().with_namespace(PEAK_METRIC[0]).with_name(PEAK_METRIC[1])
+        peaks = [d.committed.max for d in result.metrics().query(query)["distributions"]]
+        worker_peaks.append(max(peaks, default=float("nan")) / 1024)
+    return seconds
 
 
 def read_predictions(prefix: str) -> dict[int, list[float]]:
@@ -242,12 +274,14 @@ def per_element_secs(
     large: int,
     rounds: int,
     options: Sequence[str] = (),
+    worker_peaks: list[float] | None = None,
 ) -> float:
-    """Median over rounds of the slope between a small and a large run (seconds/element)."""
+    """Median over rounds of the slope between a small and a large run (seconds/element);
+    with ``worker_peaks``, the large runs' SDK worker peak memory (see :func:`run_pipeline`)."""
     slopes = []
     for _ in range(rounds):
         t_small = run_pipeline(framework, which, small, options)
-        t_large = run_pipeline(framework, which, large, options)
+        t_large = run_pipeline(framework, which, large, options, worker_peaks=worker_peaks)
         slopes.append(max(t_large - t_small, 1e-9) / (large - small))
     return statistics.median(slopes)
 
@@ -351,11 +385,16 @@ def run(args: argparse.Namespace) -> int:
     rounds = 1 if args.quick else args.rounds
     options = [o for o in args.beam_options if o != "--"]
     runner = next((o.split("=", 1)[-1] for o in options if o.startswith("--runner")), None)
+    # On a runner, the pipelines run in its SDK workers: they report their peak memory (the
+    # floor's too, so that all three pay for the step that reports it).
+    peaks: dict[str, list[float] | None] = {
+        which: [] if runner is not None else None for which in ("floor", "stock", "turbo")
+    }
     with tempfile.TemporaryDirectory() as folder:
         framework = make_framework(args.framework, folder)
-        floor = per_element_secs(framework, "floor", small, large, rounds, options)
-        stock = per_element_secs(framework, "stock", small, large, rounds, options)
-        turbo = per_element_secs(framework, "turbo", small, large, rounds, options)
+        floor = per_element_secs(framework, "floor", small, large, rounds, options, peaks["floor"])
+        stock = per_element_secs(framework, "stock", small, large, rounds, options, peaks["stock"])
+        turbo = per_element_secs(framework, "turbo", small, large, rounds, options, peaks["turbo"])
         ideal = floor + bare_per_element_secs(framework)
     goal_ratio, goal_ideal = GOALS[args.framework]
     print(
@@ -375,8 +414,15 @@ def run(args: argparse.Namespace) -> int:
     ]
     print_table(["pipeline", "elements/s", "fraction of ideal", "vs stock"], rows)
     if runner is not None:
-        # The pipelines ran in the runner's workers: this process's memory says nothing.
-        print("\n(the ideal's bare model ran here; peak memory is measured on the DirectRunner)")
+        worker = {which: max(found or [float("nan")]) for which, found in peaks.items()}
+        # (The floor's workers, without a model: what Beam's SDK harness itself takes.)
+        print(
+            f"\npeak resident memory of the SDK worker processes that ran the model (the "
+            f"largest, over the {large:,}-element runs): stock {worker['stock']:.0f} MiB, "
+            f"beam-turbo {worker['turbo']:.0f} MiB, {worker['turbo'] / worker['stock']:.2f}x "
+            f"(no model: {worker['floor']:.0f} MiB)\n"
+            "(the ideal's bare model ran in this process)"
+        )
         return 0
     peak = {which: peak_resident_mib(args.framework, which, large) for which in ("stock", "turbo")}
     print(

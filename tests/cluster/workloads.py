@@ -328,9 +328,16 @@ def build_conformance(pipeline: beam.Pipeline, paths: Paths, n: int) -> None:
     )
 
     # max_batch_duration_secs: Beam's stateful BatchElements, and beam-turbo's stateful
-    # fused DoFn, both keeping batches in keyed state (with timers) on the runner.
+    # fused DoFn, both keeping batches in keyed state (with timers) on the runner. Their rows
+    # come from a source of their own: behind a stateful step, Spark runs the stage that
+    # reads sk_rows once more, and "count bundles" would count its bundles twice.
+    stateful_rows = (
+        pipeline
+        | "sklearn rows, stateful" >> beam.Create(sklearn_inputs(n))
+        | "spread sk stateful" >> beam.Reshuffle()
+    )
     outputs.append(
-        sk_rows
+        stateful_rows
         | "sk stateful stock"
         >> base.RunInference(
             recorded(StockSklearn(sk_model, max_batch_duration_secs=1), rec, "sk_stateful_stock")
@@ -338,7 +345,7 @@ def build_conformance(pipeline: beam.Pipeline, paths: Paths, n: int) -> None:
         | "sk stateful stock lines" >> to_line("sk_stateful_stock")
     )
     outputs.append(
-        sk_rows
+        stateful_rows
         | "sk stateful turbo"
         >> beam_turbo.RunInference(
             recorded(TurboSklearn(sk_model, max_batch_duration_secs=1), rec, "sk_stateful_turbo")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from beam_turbo import demo
+from beam_turbo.bench import e2e
 
 
 @pytest.mark.parametrize(("check", "checked"), [(3_000, 4_000), (1, 2_000)])
@@ -22,3 +24,24 @@ def test_the_demo_checks_whole_chunks_of_predictions(
     out = capsys.readouterr().out
     assert f"predictions: the same for all {checked:,} elements checked (exactly)" in out
     assert "speed-up:" in out
+
+
+def test_bench_e2e_reads_batch_sizes_from_the_workers_and_grows_short_runs(
+    tmp_path: Path,
+) -> None:
+    """On a runner, ``bench e2e`` reads the batch sizes the workers report through metrics
+    (here the DirectRunner's, which reports them as a cluster's do), and grows a large run
+    that takes too little longer than the small one."""
+    framework = e2e.make_framework("sklearn", str(tmp_path))
+    for which in ("stock", "turbo"):
+        reported = e2e.Reported()
+        _, large = e2e.per_element_secs(framework, which, 2_000, 6_000, 1, (), reported)
+        assert large == 6_000
+        assert reported.batched == 6_000, f"{which}: every element in one reported batch"
+        assert 1 <= reported.batches <= 6_000
+        assert 1 <= reported.largest_batch <= 6_000
+        assert reported.peak_mib > 0, f"{which}: no peak memory reported"
+    # 6,000 sklearn rows take a fraction of a second: a 1-second minimum grows the run.
+    _, large = e2e.per_element_secs(framework, "floor", 2_000, 6_000, 1, (), min_work_secs=1.0)
+    assert 6_000 < large <= e2e.MAX_LARGE
+    assert large % e2e.CHUNK == 0

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 _LABELS[which],
                 lambda which=which: e2e.per_element_secs(  # type: ignore[misc]
                     framework, which, small, elements, args.rounds, options
-                ),
+                )[0],
             )
             for which in ("stock", "turbo")
         }

@@ -33,6 +33,7 @@ from beam_turbo.bench._timing import print_table
 from beam_turbo.bench.real_models import REAL_MODELS
 
 CHUNK = 2_000  # elements generated per seed
+MAX_LARGE = 50_000_000  # the most elements a large run grows to (see per_element_secs)
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,40 @@ def as_line(keyed: tuple[int, Any]) -> str:
 
 #: The metric through which each SDK worker process reports its peak resident memory.
 PEAK_METRIC = ("beam_turbo_bench", "worker_peak_rss_kib")
+#: The batch-size distributions: Beam's BatchElements' and beam-turbo's fused DoFn's.
+BATCH_SIZE_METRICS = ("batch_size", "beam_turbo_batch_size")
+
+
+@dataclass
+class Reported:
+    """What a runner's SDK workers reported through metrics, over the runs given it."""
+
+    peak_mib: float = float("nan")  # the largest peak resident memory of a worker process
+    batches: int = 0
+    batched: int = 0  # elements in those batches
+    largest_batch: int = 0
+
+    def add(self, result: beam.runners.runner.PipelineResult) -> None:
+        for dist in result.metrics().query(MetricsFilter())["distributions"]:
+            value = dist.committed or dist.attempted
+            if value is None or not value.count:
+                continue
+            name = (dist.key.metric.namespace, dist.key.metric.name)
+            if name == PEAK_METRIC:
+                self.peak_mib = max(value.max / 1024, self.peak_mib, key=_not_nan)
+            elif name[1] in BATCH_SIZE_METRICS:
+                self.batches += value.count
+                self.batched += value.sum
+                self.largest_batch = max(self.largest_batch, value.max)
+
+    def batch_sizes(self) -> str:
+        if not self.batches:
+            return "-"
+        return f"{self.batches:,}, {self.batched / self.batches:,.0f} ({self.largest_batch:,})"
+
+
+def _not_nan(value: float) -> float:
+    return float("-inf") if value != value else value
 
 
 class _ReportPeakMemory(beam.DoFn):
@@ -202,13 +237,13 @@ def run_pipeline(
     elements: int,
     options: Sequence[str] = (),
     output: str | None = None,
-    worker_peaks: list[float] | None = None,
+    reported: Reported | None = None,
 ) -> float:
     """Run one pipeline over ``elements`` generated elements; its wall time in seconds.
 
     ``which`` is ``stock``, ``turbo`` or ``floor`` (an identity ``Map`` for RunInference).
-    With ``worker_peaks``, the largest peak resident memory (MiB) of the SDK worker processes
-    that ran the model is appended to it (a runner's workers, not this process).
+    With ``reported``, the SDK workers' peak resident memory and batch sizes are added to it
+    (a runner's workers, not this process).
     """
     from beam_turbo.inference import RunInference
 
@@ -230,7 +265,7 @@ def run_pipeline(
         if keyed:
             handler = base.KeyedModelHandler(handler)
         results = examples | "RunInference" >> transform(handler)
-    if worker_peaks is not None:
+    if reported is not None:
         results = results | "Peak memory" >> beam.ParDo(_ReportPeakMemory())
     if output is not None:
         _ = results | "Format" >> beam.Map(as_line) | "Write" >> beam.io.WriteToText(output)
@@ -239,10 +274,8 @@ def run_pipeline(
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.perf_counter() - start
-    if worker_peaks is not None:
-        query = MetricsFilter().with_namespace(PEAK_METRIC[0]).with_name(PEAK_METRIC[1])
-        peaks = [d.committed.max for d in result.metrics().query(query)["distributions"]]
-        worker_peaks.append(max(peaks, default=float("nan")) / 1024)
+    if reported is not None:
+        reported.add(result)
     return seconds
 
 
@@ -274,16 +307,27 @@ def per_element_secs(
     large: int,
     rounds: int,
     options: Sequence[str] = (),
-    worker_peaks: list[float] | None = None,
-) -> float:
-    """Median over rounds of the slope between a small and a large run (seconds/element);
-    with ``worker_peaks``, the large runs' SDK worker peak memory (see :func:`run_pipeline`)."""
+    reported: Reported | None = None,
+    min_work_secs: float = 0.0,
+) -> tuple[float, int]:
+    """Median over rounds of the slope between a small and a large run (seconds/element), and
+    the large run's size. With ``min_work_secs``, a large run whose time exceeds the small
+    one's by less than that is run again, larger, until it does: on a runner a job's start-up
+    varies by seconds, and a fast pipeline needs more elements than a slow one to outweigh it.
+    With ``reported``, what the large runs' SDK workers reported (see :func:`run_pipeline`)."""
     slopes = []
     for _ in range(rounds):
         t_small = run_pipeline(framework, which, small, options)
-        t_large = run_pipeline(framework, which, large, options, worker_peaks=worker_peaks)
-        slopes.append(max(t_large - t_small, 1e-9) / (large - small))
-    return statistics.median(slopes)
+        while True:
+            t_large = run_pipeline(framework, which, large, options, reported=reported)
+            work = t_large - t_small
+            if work >= min_work_secs or large >= MAX_LARGE:
+                break
+            # Aim past the minimum; at most ten times larger per step, as work may be ~0.
+            factor = min(10.0, 1.5 * min_work_secs / max(work, min_work_secs / 10))
+            large = min(MAX_LARGE, int(large * factor) // CHUNK * CHUNK)
+        slopes.append(max(work, 1e-9) / (large - small))
+    return statistics.median(slopes), large
 
 
 def bare_per_element_secs(framework: Framework) -> float:
@@ -365,6 +409,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "cluster, where a job's start-up varies by seconds, take millions)",
     )
     parser.add_argument(
+        "--min-work-secs",
+        type=float,
+        help="on a runner, grow a pipeline's large run until it takes this much longer than "
+        "its small run (default 30 on a runner, 0 on the DirectRunner)",
+    )
+    parser.add_argument(
         "beam_options",
         nargs=argparse.REMAINDER,
         help="Beam pipeline options after --, e.g. -- --runner=PortableRunner "
@@ -385,22 +435,28 @@ def run(args: argparse.Namespace) -> int:
     rounds = 1 if args.quick else args.rounds
     options = [o for o in args.beam_options if o != "--"]
     runner = next((o.split("=", 1)[-1] for o in options if o.startswith("--runner")), None)
-    # On a runner, the pipelines run in its SDK workers: they report their peak memory (the
-    # floor's too, so that all three pay for the step that reports it).
-    peaks: dict[str, list[float] | None] = {
-        which: [] if runner is not None else None for which in ("floor", "stock", "turbo")
-    }
+    # On a runner, the pipelines run in its SDK workers, which report their peak memory (the
+    # floor's too, so that all three pay for the step that reports it) and batch sizes.
+    pipelines = ("floor", "stock", "turbo")
+    reported = {which: Reported() if runner is not None else None for which in pipelines}
+    min_work = args.min_work_secs if args.min_work_secs is not None else 30.0 if runner else 0.0
     with tempfile.TemporaryDirectory() as folder:
         framework = make_framework(args.framework, folder)
-        floor = per_element_secs(framework, "floor", small, large, rounds, options, peaks["floor"])
-        stock = per_element_secs(framework, "stock", small, large, rounds, options, peaks["stock"])
-        turbo = per_element_secs(framework, "turbo", small, large, rounds, options, peaks["turbo"])
-        ideal = floor + bare_per_element_secs(framework)
+        measured = {
+            which: per_element_secs(
+                framework, which, small, large, rounds, options, reported[which], min_work
+            )
+            for which in pipelines
+        }
+        ideal = measured["floor"][0] + bare_per_element_secs(framework)
+    floor, stock, turbo = (measured[which][0] for which in pipelines)
     goal_ratio, goal_ideal = GOALS[args.framework]
-    print(
-        f"end to end on {runner or 'the DirectRunner'}, {args.framework}, "
-        f"slope between {small:,} and {large:,} elements\n"
-    )
+    grown = any(measured[which][1] != large for which in pipelines)
+    sizes = f"{small:,} and {large:,} elements"
+    if grown:
+        sizes = f"{small:,} elements and a large run at least {min_work:g} s longer"
+    where = runner or "the DirectRunner"
+    print(f"end to end on {where}, {args.framework}, slope between {sizes}\n")
     rows = [
         ["floor (identity Map)", f"{1 / floor:,.0f}", "", ""],
         ["ideal (floor + bare model)", f"{1 / ideal:,.0f}", "1.00", ""],
@@ -412,16 +468,24 @@ def run(args: argparse.Namespace) -> int:
             f"{stock / turbo:.2f}x (goal >= {goal_ratio}x)",
         ],
     ]
-    print_table(["pipeline", "elements/s", "fraction of ideal", "vs stock"], rows)
-    if runner is not None:
-        worker = {which: max(found or [float("nan")]) for which, found in peaks.items()}
+    headers = ["pipeline", "elements/s", "fraction of ideal", "vs stock"]
+    if runner is None:
+        print_table(headers, rows)
+    else:
+        # The ideal's row has no run of its own: its bare model ran in this process.
+        on_runner = [(w, reported[w]) for w in pipelines]
+        for row, (which, found) in zip([rows[0], *rows[2:]], on_runner, strict=True):
+            row += [f"{measured[which][1]:,}", found.batch_sizes() if found else "-"]
+        rows[1] += ["", ""]
+        print_table([*headers, "large run", "batches: count, mean (max)"], rows)
+        peak = {which: found.peak_mib for which, found in on_runner if found}
         # (The floor's workers, without a model: what Beam's SDK harness itself takes.)
         print(
             f"\npeak resident memory of the SDK worker processes that ran the model (the "
-            f"largest, over the {large:,}-element runs): stock {worker['stock']:.0f} MiB, "
-            f"beam-turbo {worker['turbo']:.0f} MiB, {worker['turbo'] / worker['stock']:.2f}x "
-            f"(no model: {worker['floor']:.0f} MiB)\n"
-            "(the ideal's bare model ran in this process)"
+            f"largest, over the large runs): stock {peak['stock']:.0f} MiB, "
+            f"beam-turbo {peak['turbo']:.0f} MiB, {peak['turbo'] / peak['stock']:.2f}x "
+            f"(no model: {peak['floor']:.0f} MiB); batches as the workers reported them, over "
+            "the large runs"
         )
         return 0
     peak = {which: peak_resident_mib(args.framework, which, large) for which in ("stock", "turbo")}

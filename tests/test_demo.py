@@ -41,6 +41,12 @@ def test_bench_e2e_reads_batch_sizes_from_the_workers_and_grows_short_runs(
         assert 1 <= reported.batches <= 6_000
         assert 1 <= reported.largest_batch <= 6_000
         assert reported.peak_mib > 0, f"{which}: no peak memory reported"
+        # beam-turbo's batches report what the sizer gathered them for; Beam's do not.
+        if which == "turbo":
+            assert reported.targets == reported.batches
+            assert reported.targeted >= reported.batched, "a batch past its target"
+        else:
+            assert reported.targets == 0
     # 6,000 sklearn rows take a fraction of a second: a 1-second minimum grows the run.
     _, large = e2e.per_element_secs(framework, "floor", 2_000, 6_000, 1, (), min_work_secs=1.0)
     assert 6_000 < large <= e2e.MAX_LARGE

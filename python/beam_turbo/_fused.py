@@ -86,6 +86,9 @@ class FusedInferenceDoFn(beam.DoFn):
             None if handler.override_metrics(namespace) else internals.MetricsCollector(namespace)
         )
         self._chosen_size = Metrics.distribution(namespace, "beam_turbo_batch_size")
+        # What each batch was gathered for (elements, or weight with an element_size_fn), to
+        # set beside what it holds: a bundle's or window's end closes a batch short of it.
+        self._target_size = Metrics.distribution(namespace, "beam_turbo_batch_target")
         self._stack_time = Metrics.distribution(namespace, "beam_turbo_stack_micro_secs")
         self._length = None if self._length_fn is None else _unkeyed(self._length_fn, handler)
         # Every instance of this DoFn in a worker process (Flink subtasks, Spark tasks, a DoFn
@@ -205,6 +208,8 @@ class FusedInferenceDoFn(beam.DoFn):
         """The batch's results; with exception handling, dead letters for what failed."""
         batch = gathered.elements
         self._batch = (batch, gathered.weight)
+        if gathered.target > 0:  # 0: a batch kept in state, closed by time (_streaming)
+            self._target_size.update(round(gathered.target))
         exc_class = self._exc_class
         if exc_class is None:
             return run_owning_oom(self._run, batch, self._ran_out_of_memory)

@@ -193,6 +193,8 @@ class Reported:
     batches: int = 0
     batched: int = 0  # elements in those batches
     largest_batch: int = 0
+    targets: int = 0  # beam-turbo's batches that report the size they were gathered for
+    targeted: float = 0.0  # the sum of those sizes
 
     def add(self, result: beam.runners.runner.PipelineResult) -> None:
         for dist in result.metrics().query(MetricsFilter())["distributions"]:
@@ -202,6 +204,9 @@ class Reported:
             name = (dist.key.metric.namespace, dist.key.metric.name)
             if name == PEAK_METRIC:
                 self.peak_mib = max(value.max / 1024, self.peak_mib, key=_not_nan)
+            elif name[1] == "beam_turbo_batch_target":
+                self.targets += value.count
+                self.targeted += value.sum
             elif name[1] in BATCH_SIZE_METRICS:
                 self.batches += value.count
                 self.batched += value.sum
@@ -210,7 +215,10 @@ class Reported:
     def batch_sizes(self) -> str:
         if not self.batches:
             return "-"
-        return f"{self.batches:,}, {self.batched / self.batches:,.0f} ({self.largest_batch:,})"
+        sizes = f"{self.batches:,}, {self.batched / self.batches:,.0f} ({self.largest_batch:,})"
+        if self.targets:  # what the sizer wanted, for beam-turbo: its batches close there
+            sizes += f"; target {self.targeted / self.targets:,.0f}"
+        return sizes
 
 
 def _not_nan(value: float) -> float:
@@ -477,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
         for row, (which, found) in zip([rows[0], *rows[2:]], on_runner, strict=True):
             row += [f"{measured[which][1]:,}", found.batch_sizes() if found else "-"]
         rows[1] += ["", ""]
-        print_table([*headers, "large run", "batches: count, mean (max)"], rows)
+        print_table([*headers, "large run", "batches: count, mean (max); target"], rows)
         peak = {which: found.peak_mib for which, found in on_runner if found}
         # (The floor's workers, without a model: what Beam's SDK harness itself takes.)
         print(

@@ -208,7 +208,7 @@ class FusedInferenceDoFn(beam.DoFn):
         """The batch's results; with exception handling, dead letters for what failed."""
         batch = gathered.elements
         self._batch = (batch, gathered.weight)
-        if gathered.target > 0:  # 0: a batch kept in state, closed by time (_streaming)
+        if gathered.target > 0:  # 0: not known (a bag this process did not see gather)
             self._target_size.update(round(gathered.target))
         exc_class = self._exc_class
         if exc_class is None:

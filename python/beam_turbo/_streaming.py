@@ -159,15 +159,16 @@ def stateful_fused_dofn(
 
         def _flush(self, where: _Where, elements: Any, deadline: Any) -> Iterator[Any]:
             """Run what the bag holds, and start the key's next batch empty."""
+            gathering = self._touched.get(where) or _GATHERING.get(where)
             batch = list(elements.read())
             elements.clear()
             deadline.clear()
             self._touched[where] = _Gathering()
             if batch:
-                yield from self._run_gathered(batch)
+                yield from self._run_gathered(batch, gathering.target if gathering else 0.0)
 
-        def _run_gathered(self, batch: list[Any]) -> Iterable[Any]:
-            gathered = SizedBatch(0.0)
+        def _run_gathered(self, batch: list[Any], target: float) -> Iterable[Any]:
+            gathered = SizedBatch(target)
             gathered.elements = batch
             gathered.weight = self._sizing.weight(batch)
             with cyclic_gc_paused():

@@ -49,8 +49,10 @@ class Doubler(base.ModelHandler[float, base.PredictionResult, Any]):
         duration: float = 10,
         bad: frozenset[float] = frozenset(),
         weigh: bool = False,
+        buckets: list[int] | None = None,
     ) -> None:
         super().__init__()
+        self.buckets = buckets
         self.record, self.size, self.duration, self.bad, self.weigh = (
             record,
             size,
@@ -79,7 +81,14 @@ class Doubler(base.ModelHandler[float, base.PredictionResult, Any]):
         }
         if self.weigh:
             kwargs["element_size_fn"] = lambda x: 1 + x % 3
+        if self.buckets is not None:  # a number's "length" is its value; NaN has none
+            kwargs["length_fn"] = _length
+            kwargs["bucket_boundaries"] = self.buckets
         return kwargs
+
+
+def _length(x: float) -> int:
+    return int(x)  # ValueError for NaN
 
 
 class Written(beam.DoFn):
@@ -92,6 +101,17 @@ class Written(beam.DoFn):
     def process(self, result: Any, timestamp: Any = beam.DoFn.TimestampParam) -> None:
         with open(self.path, "a") as f:
             f.write(f"{result.inference} {timestamp.micros}\n")
+
+
+class Lines(beam.DoFn):
+    """Appends each element, a line, to ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def process(self, line: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
 
 
 def written(path: Path) -> list[tuple[float, int]]:
@@ -240,6 +260,33 @@ def test_failing_batches_reach_the_dead_letter_output(tmp_path: Path, isolate: b
         assert_that((good, failed) | beam.Flatten(), equal_to(data), label="each once")
         if isolate:
             assert_that(failed, equal_to([7.0, 23.0]), label="only the bad")
+
+
+def test_length_buckets_batch_apart_and_an_unreadable_length_is_a_dead_letter(
+    tmp_path: Path,
+) -> None:
+    """With a batch_length_fn, bags are Beam's length buckets (here [0, 10) and [10, inf)),
+    each run whole; an element whose length cannot be read joins the first bucket, and the
+    batch it is in (with 4.0) fails into the dead letters, with nothing lost."""
+    record, out = tmp_path / "batches", tmp_path / "out"
+    data = [1.0, 12.0, 2.0, 14.0, 3.0, 15.0, float("nan"), 4.0]
+    with beam.Pipeline() as pipeline:
+        results, dlq = (
+            pipeline
+            | beam.Create(data, reshuffle=False)
+            | RunInference(
+                Doubler(str(record), size=3, buckets=[10], bad=frozenset({float("nan")}))
+            ).with_exception_handling()
+        )
+        good = results | beam.Map(lambda r: f"good {r.example}")
+        failed = dlq.failed_inferences | beam.FlatMap(lambda f: [f"dead {x}" for x in f[0]])
+        # (Written to a file: assert_that drops what a window-end timer emits.)
+        _ = (good, failed) | beam.Flatten() | beam.ParDo(Lines(out))
+    assert sorted(out.read_text().splitlines()) == sorted(
+        [f"good {x}" for x in data[:6]] + ["dead nan", "dead 4.0"]
+    )
+    ran = batches(record)
+    assert sorted(map(sorted, ran)) == [[1, 2, 3], [12, 14, 15]]  # NaN's batch failed first
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ class FusedInferenceDoFn(beam.DoFn):
         # set beside what it holds: a bundle's or window's end closes a batch short of it.
         self._target_size = Metrics.distribution(namespace, "beam_turbo_batch_target")
         self._stack_time = Metrics.distribution(namespace, "beam_turbo_stack_micro_secs")
-        self._length = None if self._length_fn is None else _unkeyed(self._length_fn, handler)
+        self._length = None if self._length_fn is None else unkeyed_length(self._length_fn, handler)
         # Every instance of this DoFn in a worker process (Flink subtasks, Spark tasks, a DoFn
         # rebuilt after a failed bundle) sizes with one sizer: the next starts where it is.
         self._sizing = self._sizing.shared()
@@ -250,7 +250,7 @@ class FusedInferenceDoFn(beam.DoFn):
         self._sizing.record_memory_failure(self._part_weight(part))
 
 
-def _unkeyed(length_fn: Callable[[Any], float], handler: Any) -> Callable[[Any], float]:
+def unkeyed_length(length_fn: Callable[[Any], float], handler: Any) -> Callable[[Any], float]:
     """The inner handler's ``batch_length_fn`` for the elements the fused DoFn sees: a
     ``KeyedModelHandler`` passes its inner handler's batching arguments on, but gets
     ``(key, example)`` pairs; a ``MaybeKeyedModelHandler`` gets either."""

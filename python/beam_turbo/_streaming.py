@@ -31,17 +31,18 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
-from apache_beam import coders
+from apache_beam import coders, typehints
 from apache_beam.transforms import window as beam_window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
-from beam_turbo._fused import FusedInferenceDoFn
+from beam_turbo import _beam_internals as internals
+from beam_turbo._fused import FusedInferenceDoFn, unkeyed_length
 from beam_turbo._gc import cyclic_gc_paused
-from beam_turbo._sizing import SizedBatch, by_length
+from beam_turbo._sizing import SizedBatch
 
-__all__ = ["STREAMING_ARGS", "stateful_fused_dofn"]
+__all__ = ["STREAMING_ARGS", "keying_dofn", "stateful_fused_dofn"]
 
 #: The batching argument that makes ``RunInference`` batch across bundles, in keyed state.
 STREAMING_ARGS = frozenset({"max_batch_duration_secs"})
@@ -56,6 +57,28 @@ class _Gathering:
     weight: float = 0.0
     target: float = 0.0
     deadline: float | None = None
+
+
+def keying_dofn(handler: Any) -> tuple[beam.DoFn, Any]:
+    """The DoFn that keys elements for :func:`stateful_fused_dofn`, and its key's type: per
+    worker process (Beam's ``WithSharedKey``), and with the handler's ``batch_length_fn`` per
+    length bucket too (Beam's ``WithLengthBucketKey``, with ``batch_bucket_boundaries`` or
+    Beam's default ones), so that elements of similar lengths gather in one bag, as in Beam's
+    stateful length-aware batching."""
+    kwargs = handler.batch_elements_kwargs()
+    length_fn = kwargs.get("length_fn")
+    if length_fn is None:
+        return internals.shared_key_dofn(), str
+    length = unkeyed_length(length_fn, handler)
+
+    def readable_length(element: Any) -> float:
+        try:
+            return length(element)
+        except Exception:  # the first bucket; the batch it joins fails, and says why
+            return 0
+
+    boundaries = kwargs.get("bucket_boundaries") or internals.DEFAULT_BUCKET_BOUNDARIES
+    return internals.length_bucket_key_dofn(readable_length, boundaries), typehints.Tuple[str, int]
 
 
 #: Where a batch gathers: the transform (its sizing's key), the element key and the window.
@@ -168,16 +191,13 @@ def stateful_fused_dofn(
                 yield from self._run_gathered(batch, gathering.target if gathering else 0.0)
 
         def _run_gathered(self, batch: list[Any], target: float) -> Iterable[Any]:
+            # One bag, one batch: with a batch_length_fn the bags are length buckets already
+            # (keying_dofn), and a bucket runs whole, padded to its longest, as in Beam.
             gathered = SizedBatch(target)
             gathered.elements = batch
             gathered.weight = self._sizing.weight(batch)
             with cyclic_gc_paused():
-                if self._length is None:
-                    return self._outputs(gathered)
-                outputs: list[Any] = []
-                for part in by_length(batch, self._sizing, self._length):
-                    outputs += self._outputs(part)
-                return outputs
+                return self._outputs(gathered)
 
         def finish_bundle(self) -> Iterator[Any]:
             # Nothing to run: what is gathered stays in state, for the next bundles.

@@ -26,11 +26,10 @@ from apache_beam.coders import typecoders
 from apache_beam.ml.inference import base
 from apache_beam.transforms import window as beam_window
 
-from beam_turbo import _beam_internals as internals
 from beam_turbo._dead_letters import DEAD_LETTER_TAG, MAIN_TAG, check_threshold
 from beam_turbo._fused import FusedInferenceDoFn, WindowedFusedInferenceDoFn
 from beam_turbo._sizing import BATCHING_ARGS, LENGTH_ARGS
-from beam_turbo._streaming import STREAMING_ARGS, stateful_fused_dofn
+from beam_turbo._streaming import STREAMING_ARGS, keying_dofn, stateful_fused_dofn
 from beam_turbo._two_steps import TurboRunInferenceDoFn
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
@@ -201,16 +200,17 @@ class RunInference(base.RunInference):
         fused: beam.DoFn
         batched = pcoll
         if max_buffering_secs is not None:
-            # Across bundles, in keyed state: keyed per worker process, as Beam's batching is.
+            # Across bundles, in keyed state: keyed as Beam's stateful batching keys.
             fused = stateful_fused_dofn(
                 input_coder=typecoders.registry.get_coder(pcoll),
                 max_buffering_secs=max_buffering_secs,
                 **arguments,
             )
-            keying = beam.ParDo(internals.shared_key_dofn()).with_output_types(
-                typehints.KV[str, pcoll.element_type]  # a str key: deterministic
+            keying, key_type = keying_dofn(handler)
+            keyed = beam.ParDo(keying).with_output_types(
+                typehints.KV[key_type, pcoll.element_type]  # str or (str, int): deterministic
             )
-            batched = pcoll | "BeamML_RunInference_Key" >> keying
+            batched = pcoll | "BeamML_RunInference_Key" >> keyed
         elif isinstance(pcoll.windowing.windowfn, beam_window.GlobalWindows):
             fused = FusedInferenceDoFn(**arguments)
         else:

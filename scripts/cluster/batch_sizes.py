@@ -33,6 +33,7 @@ from tests.cluster import workloads  # noqa: E402
 from tests.cluster.conftest import Cluster, running_runner, settings  # noqa: E402
 
 import beam_turbo  # noqa: E402
+from beam_turbo.bench.e2e import BATCH_SIZE_METRICS  # noqa: E402
 
 
 def summary(sizes: list[int]) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def distributions(result: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for dist in metrics["distributions"]:
         name = dist.key.metric.name
-        if name in ("batch_size", "beam_turbo_batch_size"):
+        if name in BATCH_SIZE_METRICS:
             value = dist.committed or dist.attempted
             label = f"{dist.key.step}:{dist.key.metric.namespace}/{name}"
             out[label] = {

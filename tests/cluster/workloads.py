@@ -316,17 +316,6 @@ def build_conformance(pipeline: beam.Pipeline, paths: Paths, n: int) -> None:
     outputs = []
 
     sk_model = paths.sklearn_model
-    outputs.append(
-        sk_rows
-        | "sk stock" >> base.RunInference(recorded(StockSklearn(sk_model), rec, "sk_stock"))
-        | "sk stock lines" >> to_line("sk_stock")
-    )
-    outputs.append(
-        sk_rows
-        | "sk turbo" >> beam_turbo.RunInference(recorded(TurboSklearn(sk_model), rec, "sk_turbo"))
-        | "sk turbo lines" >> to_line("sk_turbo")
-    )
-
     # max_batch_duration_secs: Beam's stateful BatchElements, and beam-turbo's stateful
     # fused DoFn, both keeping batches in keyed state (with timers) on the runner. Their rows
     # come from a source of their own: behind a stateful step, Spark runs the stage that
@@ -336,22 +325,28 @@ def build_conformance(pipeline: beam.Pipeline, paths: Paths, n: int) -> None:
         | "sklearn rows, stateful" >> beam.Create(sklearn_inputs(n))
         | "spread sk stateful" >> beam.Reshuffle()
     )
-    outputs.append(
-        stateful_rows
-        | "sk stateful stock"
-        >> base.RunInference(
-            recorded(StockSklearn(sk_model, max_batch_duration_secs=1), rec, "sk_stateful_stock")
+    for rows, name, transform, handler in (
+        (sk_rows, "sk_stock", base.RunInference, StockSklearn(sk_model)),
+        (sk_rows, "sk_turbo", beam_turbo.RunInference, TurboSklearn(sk_model)),
+        (
+            stateful_rows,
+            "sk_stateful_stock",
+            base.RunInference,
+            StockSklearn(sk_model, max_batch_duration_secs=1),
+        ),
+        (
+            stateful_rows,
+            "sk_stateful_turbo",
+            beam_turbo.RunInference,
+            TurboSklearn(sk_model, max_batch_duration_secs=1),
+        ),
+    ):
+        label = name.replace("_", " ")
+        outputs.append(
+            rows
+            | label >> transform(recorded(handler, rec, name))
+            | f"{label} lines" >> to_line(name)
         )
-        | "sk stateful stock lines" >> to_line("sk_stateful_stock")
-    )
-    outputs.append(
-        stateful_rows
-        | "sk stateful turbo"
-        >> beam_turbo.RunInference(
-            recorded(TurboSklearn(sk_model, max_batch_duration_secs=1), rec, "sk_stateful_turbo")
-        )
-        | "sk stateful turbo lines" >> to_line("sk_stateful_turbo")
-    )
 
     torch_model = paths.torch_model
 

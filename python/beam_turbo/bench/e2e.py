@@ -203,7 +203,7 @@ class Reported:
                 continue
             name = (dist.key.metric.namespace, dist.key.metric.name)
             if name == PEAK_METRIC:
-                self.peak_mib = max(value.max / 1024, self.peak_mib, key=_not_nan)
+                self.peak_mib = float(np.fmax(self.peak_mib, value.max / 1024))  # NaN: none yet
             elif name[1] == "beam_turbo_batch_target":
                 self.targets += value.count
                 self.targeted += value.sum
@@ -219,10 +219,6 @@ class Reported:
         if self.targets:  # what the sizer wanted, for beam-turbo: its batches close there
             sizes += f"; target {self.targeted / self.targets:,.0f}"
         return sizes
-
-
-def _not_nan(value: float) -> float:
-    return float("-inf") if value != value else value
 
 
 class _ReportPeakMemory(beam.DoFn):

@@ -25,14 +25,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import beam_turbo
-from beam_turbo import BatchElements, batching
-from beam_turbo._beam_internals import (
+from beam_turbo import BatchElements
+from beam_turbo._beam.internals import (
     SUPPORTED_BEAM,
     UnsupportedBeamVersionError,
     check_beam_version,
 )
+from beam_turbo._dofns.gathering import (
+    DownstreamTiming,
+    EmitBatches,
+    GatheringDoFn,
+    WindowedGatheringDoFn,
+)
+from beam_turbo._gathering.gatherer import by_size
+from beam_turbo._gathering.sizing import Sizing, unit_weight
 from beam_turbo._native import BatchSizer
-from beam_turbo._sizing import Sizing, unit_weight
 from beam_turbo.errors import InvalidInputError
 
 
@@ -385,15 +392,10 @@ def test_every_element_once_within_limits_never_mixed(
         max_batch_weight=cap,
         record_metrics=False,
     )
-    timing = batching._Timing(clock, record_metrics=False)
+    timing = DownstreamTiming(clock, record_metrics=False)
     windowed = windows > 1
-    if windowed:
-        dofn_class: type[batching._BatchingDoFn] = batching._WindowAwareBatchingDoFn
-    elif weighted:
-        dofn_class = batching._BatchingDoFn
-    else:
-        dofn_class = batching._UnitBatchingDoFn
-    dofn = dofn_class(sizing=transform._sizing, timing=timing)
+    dofn_class = WindowedGatheringDoFn if windowed else GatheringDoFn
+    dofn = dofn_class(sizing=transform.sizing, action=EmitBatches(timing))
     out = batches_of(dofn, items, windowed, clock, bundles)
 
     window_of = dict(items)
@@ -609,9 +611,7 @@ def _dofn_batches(dofn: Any, data: list[str], windows: list[Any]) -> list[tuple[
         dofn.setup()
     dofn.start_bundle()
     emitted = []
-    takes_window = "window" in inspect.signature(dofn.process).parameters or isinstance(
-        dofn, batching._SortingBatchingDoFn
-    )
+    takes_window = "window" in inspect.signature(dofn.process).parameters
     for element, win in zip(data, windows, strict=True):
         emitted += list(
             (dofn.process(element, win) if takes_window else dofn.process(element)) or ()
@@ -636,11 +636,13 @@ def test_sort_and_batch_gives_beams_batches(
         IntervalWindow(len(s) // 4 * 4, len(s) // 4 * 4 + 4) if windowed else GlobalWindow()
         for s in data
     ]
-    ours = batching._SortingBatchingDoFn(
-        max_batch_size=max_batch_size,
-        max_batch_weight=max_batch_weight,
-        element_size_fn=None,
-        sizing=None,
+    ours = WindowedGatheringDoFn(
+        sizing=Sizing.from_batching_args(
+            {"min_batch_size": max_batch_size, "max_batch_size": max_batch_size}
+        ),
+        action=EmitBatches(DownstreamTiming(time.perf_counter, record_metrics=False)),
+        pool=float("inf"),
+        cut=by_size(max_batch_size, max_batch_weight, None),
     )
     beams_class = (
         beam_util._WindowAwareSortAndBatchElementsDoFn

@@ -127,7 +127,7 @@ def test_every_word_is_one_token_so_lengths_are_as_drawn() -> None:
 def test_the_demo_runs_stock_and_turbo_and_their_outputs_agree(
     capsys: pytest.CaptureFixture[str], framework: str, unit: str
 ) -> None:
-    from beam_turbo import demo
+    from beam_turbo.bench import demo
 
     args = demo.add_arguments(argparse.ArgumentParser()).parse_args(
         ["--framework", framework, "--elements", "48", "--check", "16", "--rounds", "1"]

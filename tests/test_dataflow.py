@@ -40,7 +40,7 @@ from apache_beam.portability import common_urns, python_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 
 import beam_turbo
-from beam_turbo._fused import FusedInferenceDoFn
+from beam_turbo._dofns.gathering import GatheringDoFn
 
 pytestmark = [pytest.mark.slow, pytest.mark.dataflow]
 
@@ -265,9 +265,10 @@ def test_pipeline_translates_for_runner_v2_with_the_wheel_staged(
 
     # (a) beam-turbo's fused DoFn, with its scikit-learn handler, is the inference step.
     dofn = fused_dofn(translation.pipeline)
-    assert type(dofn) is FusedInferenceDoFn
-    assert type(dofn._handler) is SklearnModelHandlerNumpy
-    assert dofn._handler._model_uri == model_uri
+    assert type(dofn) is GatheringDoFn
+    handler = dofn._action._handler
+    assert type(handler) is SklearnModelHandlerNumpy
+    assert handler._model_uri == model_uri
 
     # (b) The wheel is uploaded byte for byte, listed for the workers' boot program to install
     # (extra_packages.txt), and is an artifact of the environment, fetched from staging.
@@ -302,7 +303,7 @@ def test_custom_sdk_container_stages_no_wheel(
     translation = translate(
         build, f"--sdk_container_image={CUSTOM_IMAGE}", apiclient=apiclient, monkeypatch=monkeypatch
     )
-    assert type(fused_dofn(translation.pipeline)) is FusedInferenceDoFn
+    assert type(fused_dofn(translation.pipeline)) is GatheringDoFn
     check_runner_v2_job(translation, CUSTOM_IMAGE)
     assert not [name for name in translation.uploads if name.endswith(".whl")]
     assert "extra_packages.txt" not in translation.uploads

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from beam_turbo import demo
-from beam_turbo.bench import e2e
+from beam_turbo.bench import demo, e2e
 
 
 @pytest.mark.parametrize(("check", "checked"), [(3_000, 4_000), (1, 2_000)])

@@ -83,7 +83,7 @@ def test_handlers_imported_after_patch_are_beam_turbos_until_unpatch() -> None:
             "patched": patched,
             "restored": restored,
             "after_unpatch": tf_inference.TFModelHandlerNumpy.__module__,
-            "is_patched": beam_turbo._patch.is_patched(),
+            "is_patched": beam_turbo._beam.patch.is_patched(),
         }))
         """
     )

@@ -324,15 +324,17 @@ def test_fused_dofns_in_one_process_share_what_the_sizer_learned() -> None:
     instead of climbing from 1 again."""
     from apache_beam.internal import pickler
 
-    from beam_turbo._fused import FusedInferenceDoFn
+    from beam_turbo._dofns.gathering import GatheringDoFn, RunBatches
+    from beam_turbo._gathering.sizing import Sizing
 
-    def instance(template: bytes) -> FusedInferenceDoFn:
-        dofn: FusedInferenceDoFn = pickler.loads(template)
+    def instance(template: bytes) -> GatheringDoFn:
+        dofn: GatheringDoFn = pickler.loads(template)
         dofn.setup()
         return dofn
 
-    fused = FusedInferenceDoFn(
-        handler=SizedDoubler(),
+    handler = SizedDoubler()
+    action = RunBatches(
+        handler=handler,
         clock=time,
         metrics_namespace=None,
         model_tag="shared-sizer",
@@ -342,6 +344,8 @@ def test_fused_dofns_in_one_process_share_what_the_sizer_learned() -> None:
         exc_class=None,
         isolate_failures=False,
     )
+    sizing = Sizing.from_batching_args(handler.batch_elements_kwargs())
+    fused = GatheringDoFn(sizing=sizing, action=action)
     template = pickler.dumps(fused)
     first, second = instance(template), instance(template)
     assert first._sizing is second._sizing
@@ -695,7 +699,7 @@ def test_the_cyclic_collector_pauses_for_a_batch_and_comes_back_as_it_was(
 def test_cyclic_gc_pauses_nest_and_restore_the_state() -> None:
     import gc
 
-    from beam_turbo._gc import cyclic_gc_paused
+    from beam_turbo._running.collector import cyclic_gc_paused
 
     assert gc.isenabled()
     with cyclic_gc_paused():
@@ -804,7 +808,7 @@ def test_a_failing_pipeline_leaves_the_cyclic_collector_enabled() -> None:
 def test_a_gc_hold_is_taken_and_given_back_once() -> None:
     import gc
 
-    from beam_turbo._gc import GcHold, resume_cyclic_gc
+    from beam_turbo._running.collector import GcHold, resume_cyclic_gc
 
     hold = GcHold()
     hold.take()
@@ -839,7 +843,7 @@ def test_overlapping_pauses_still_collect_now_and_then(monkeypatch: pytest.Monke
     collection once they have kept the collector off for MAX_GC_PAUSE_SECS."""
     import gc
 
-    from beam_turbo import _gc
+    from beam_turbo._running import collector as _gc
 
     collections: list[int] = []
 

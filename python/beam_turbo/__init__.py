@@ -16,9 +16,9 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from beam_turbo import errors
+from beam_turbo._arrays.stacking import set_pool_limit, stack
+from beam_turbo._beam.patch import patch, unpatch
 from beam_turbo._native import BatchSizer, ModelCache
-from beam_turbo._patch import patch, unpatch
-from beam_turbo._stacking import set_pool_limit, stack
 
 if TYPE_CHECKING:
     from beam_turbo.batching import BatchElements, SortAndBatchElements

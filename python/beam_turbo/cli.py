@@ -39,7 +39,7 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         "demo", help=_DEMO_HELP, description=_DEMO_HELP, formatter_class=_Formatter
     )
     if chosen[:1] == ["demo"]:
-        demo_module = importlib.import_module("beam_turbo.demo")
+        demo_module = importlib.import_module("beam_turbo.bench.demo")
         demo_module.add_arguments(demo)
         demo.set_defaults(run=demo_module.run)
     return parser

@@ -41,11 +41,11 @@ from typing import Any
 import torch
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from beam_turbo._loading import loading_model
-from beam_turbo._padding import check_pad_values, token_length
-from beam_turbo._results import prediction_results
+from beam_turbo._arrays.results import prediction_results
+from beam_turbo._running.loading import loading_model
+from beam_turbo._torch.inference import TorchInference, cuda_usable, resolve_device
+from beam_turbo._torch.padding import check_pad_values, token_length
 from beam_turbo.errors import InvalidInputError
-from beam_turbo.pytorch import _cuda_usable, _TorchRunner, resolve_device
 
 __all__ = [
     "HuggingFaceModelHandlerKeyedTensor",
@@ -100,13 +100,13 @@ def _torch_device(name: Any) -> torch.device:
     """The torch device for Beam's ``device`` argument ('CPU', 'GPU', or beam-turbo's 'auto',
     'cuda:N', ...); CUDA that cannot be used gives Beam's warning and the CPU."""
     device = resolve_device(name)
-    if device.type == "cuda" and not _cuda_usable(device):
+    if device.type == "cuda" and not cuda_usable(device):
         _BEAM_LOG.warning(_NO_GPU)
         return torch.device("cpu")
     return device
 
 
-class _HuggingFaceTorch(_TorchRunner):
+class _HuggingFaceTorch(TorchInference):
     """What the two tensor handlers share: Beam's device names for users' functions, the
     model loaded by ``from_pretrained`` onto the device, grads off."""
 

@@ -8,9 +8,10 @@ It is a subclass of Beam's transform, so it takes every argument Beam 2.77's tak
 ``with_exception_handling``, ``with_monitoring_transform``, keyed, multi-model and maybe-keyed
 handlers, pre/post-processing, side-input model refresh, ``watch_model_pattern``,
 ``use_model_manager``, ``large_model`` and ``model_copies``, all through Beam's own
-machinery) and gives Beam's outputs. What it changes, and when it takes which of its two
-paths (fused, or Beam's two steps), is in ``docs/run-inference.md`` and
-``docs/architecture.md``; the deliberate differences from Beam in the README's table.
+machinery) and gives Beam's outputs. What it changes, and when it takes which of its paths
+(fused in one DoFn, within bundles or across them in keyed state; or Beam's own inference DoFn
+after ``BatchElements``), is in ``docs/run-inference.md`` and ``docs/architecture.md``; the
+deliberate differences from Beam in the README's table.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from apache_beam.coders import typecoders
 from apache_beam.ml.inference import base
 from apache_beam.transforms import window as beam_window
 
-from beam_turbo._dead_letters import DEAD_LETTER_TAG, MAIN_TAG, check_threshold
-from beam_turbo._fused import FusedInferenceDoFn, WindowedFusedInferenceDoFn
-from beam_turbo._sizing import BATCHING_ARGS, LENGTH_ARGS
-from beam_turbo._streaming import STREAMING_ARGS, keying_dofn, stateful_fused_dofn
-from beam_turbo._two_steps import TurboRunInferenceDoFn
+from beam_turbo._dofns.beam_inference import BeamInferenceDoFn
+from beam_turbo._dofns.gathering import GatheringDoFn, RunBatches, WindowedGatheringDoFn
+from beam_turbo._dofns.keyed_state import keying_dofn, stateful_inference_dofn
+from beam_turbo._gathering.gatherer import POOL_BATCHES, by_length, unkeyed_length
+from beam_turbo._gathering.sizing import BATCHING_ARGS, LENGTH_ARGS, STREAMING_ARGS, Sizing
+from beam_turbo._running.dead_letters import DEAD_LETTER_TAG, MAIN_TAG, check_threshold
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
@@ -151,7 +153,7 @@ class RunInference(base.RunInference):
         manager or cross-process models, no batching, or batching options outside beam-turbo's
         (a custom handler's). Plain exception handling fuses: the fused DoFn sends every
         element of a failing batch to the dead-letter output itself. ``max_batch_duration_secs``
-        fuses too, batching across bundles in keyed state (``_streaming``).
+        fuses too, batching across bundles in keyed state (``_dofns.keyed_state``).
         """
         handler = self._model_handler
         wrapped = self._with_exception_handling and (
@@ -170,7 +172,7 @@ class RunInference(base.RunInference):
         )
 
     def expand(self, pcoll: beam.PCollection) -> Any:
-        # Beam's expand, with the inference step taken by one of two paths.
+        # Beam's expand, with the inference step fused where Beam's semantics allow.
         handler = self._model_handler
         handler.validate_inference_args(self._inference_args)
         pcoll, bad_preprocessed = self._apply_fns(
@@ -179,13 +181,17 @@ class RunInference(base.RunInference):
         if self._can_fuse():
             results, bad_inference = self._infer_fused(pcoll)
         else:
-            results, bad_inference = self._infer_in_two_steps(pcoll)
+            results, bad_inference = self._infer_with_beams_dofn(pcoll)
         return self._finish(results, bad_inference, bad_preprocessed)
 
     def _infer_fused(self, pcoll: beam.PCollection) -> tuple[Any, Any]:
-        """Batching and inference in one DoFn: the results, and the dead letters (or None)."""
+        """Batching and inference in one DoFn: the results, and the dead letters (or None).
+        The DoFn is the gatherer's variant for the input (the global window, windows, keyed
+        state across bundles) composed with the batch runner (:class:`RunBatches`)."""
         handler = self._model_handler
-        arguments = dict(
+        batching_args = handler.batch_elements_kwargs()
+        sizing = Sizing.from_batching_args(batching_args)
+        action = RunBatches(
             handler=handler,
             clock=self._clock,
             metrics_namespace=self._metrics_namespace,
@@ -196,25 +202,33 @@ class RunInference(base.RunInference):
             exc_class=self._exc_class if self._with_exception_handling else None,
             isolate_failures=self._isolate_failures,
         )
-        max_buffering_secs = handler.batch_elements_kwargs().get("max_batch_duration_secs")
+        max_buffering_secs = batching_args.get("max_batch_duration_secs")
+        length_fn = batching_args.get("length_fn")
         fused: beam.DoFn
         batched = pcoll
         if max_buffering_secs is not None:
             # Across bundles, in keyed state: keyed as Beam's stateful batching keys.
-            fused = stateful_fused_dofn(
+            fused = stateful_inference_dofn(
                 input_coder=typecoders.registry.get_coder(pcoll),
                 max_buffering_secs=max_buffering_secs,
-                **arguments,
+                sizing=sizing,
+                clock=self._clock,
+                action=action,
             )
             keying, key_type = keying_dofn(handler)
             keyed = beam.ParDo(keying).with_output_types(
                 typehints.KV[key_type, pcoll.element_type]  # str or (str, int): deterministic
             )
             batched = pcoll | "BeamML_RunInference_Key" >> keyed
-        elif isinstance(pcoll.windowing.windowfn, beam_window.GlobalWindows):
-            fused = FusedInferenceDoFn(**arguments)
         else:
-            fused = WindowedFusedInferenceDoFn(**arguments)
+            # Beam's batch_length_fn: a pool of batches is sorted by length, then cut.
+            pooled: dict[str, Any] = {}
+            if length_fn is not None:
+                cut = by_length(unkeyed_length(length_fn, handler))
+                pooled = {"pool": POOL_BATCHES, "cut": cut}
+            windowed = not isinstance(pcoll.windowing.windowfn, beam_window.GlobalWindows)
+            dofn_class = WindowedGatheringDoFn if windowed else GatheringDoFn
+            fused = dofn_class(sizing=sizing, action=action, **pooled)
         pardo = beam.ParDo(fused).with_resource_hints(**handler.get_resource_hints())
         if not self._with_exception_handling:
             return batched | "BeamML_RunInference" >> pardo, None
@@ -226,7 +240,7 @@ class RunInference(base.RunInference):
             check_threshold(pcoll, bad_inference, self._threshold)
         return outputs[MAIN_TAG], bad_inference
 
-    def _infer_in_two_steps(self, pcoll: beam.PCollection) -> tuple[Any, Any]:
+    def _infer_with_beams_dofn(self, pcoll: beam.PCollection) -> tuple[Any, Any]:
         """Beam's two steps (batching, then Beam's inference DoFn) with beam-turbo's
         ``BatchElements`` and DoFn: the results, and the dead letters (or None)."""
         handler = self._model_handler
@@ -237,7 +251,7 @@ class RunInference(base.RunInference):
             batched = pcoll
         else:
             batching = BatchElements(**handler.batch_elements_kwargs())
-            upstream = batching._sizing
+            upstream = batching.sizing
             batched = pcoll | batching
         # With exception handling, the model loads inside process(), so that a model that
         # never loads sends the elements to the dead-letter output with its error.
@@ -246,7 +260,7 @@ class RunInference(base.RunInference):
             or self._timeout is not None
             or self._with_exception_handling
         )
-        dofn = TurboRunInferenceDoFn(
+        dofn = BeamInferenceDoFn(
             handler,
             self._clock,
             self._metrics_namespace,

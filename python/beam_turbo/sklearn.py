@@ -23,15 +23,16 @@ from apache_beam.ml.inference import sklearn_inference as beam_sklearn
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.sklearn_inference import ModelFileType
 
-from beam_turbo._batch import numpy_batch
-from beam_turbo._loading import loading_model
-from beam_turbo._oom import run_splitting_on_oom
-from beam_turbo._results import prediction_results
+from beam_turbo._arrays.inputs import numpy_batch
+from beam_turbo._arrays.results import prediction_results
+from beam_turbo._beam import internals
+from beam_turbo._running.loading import loading_model
+from beam_turbo._running.oom import run_splitting_on_oom
 
 __all__ = ["ModelFileType", "SklearnModelHandlerNumpy", "SklearnModelHandlerPandas"]
 
-_BEAM_NUMPY_FN = beam_sklearn._default_numpy_inference_fn
-_BEAM_PANDAS_FN = beam_sklearn._default_pandas_inference_fn
+_BEAM_NUMPY_FN = internals.sklearn_numpy_inference_fn
+_BEAM_PANDAS_FN = internals.sklearn_pandas_inference_fn
 
 
 class SklearnModelHandlerNumpy(beam_sklearn.SklearnModelHandlerNumpy):

@@ -27,10 +27,10 @@ from apache_beam.ml.inference import tensorflow_inference as beam_tf
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.tensorflow_inference import ModelType
 
-from beam_turbo._batch import numpy_batch, timed_stack
-from beam_turbo._loading import loading_model
-from beam_turbo._oom import run_splitting_on_oom
-from beam_turbo._results import prediction_results
+from beam_turbo._arrays.inputs import numpy_batch, timed_stack
+from beam_turbo._arrays.results import prediction_results
+from beam_turbo._running.loading import loading_model
+from beam_turbo._running.oom import run_splitting_on_oom
 
 __all__ = ["ModelType", "TFModelHandlerNumpy", "TFModelHandlerTensor"]
 

@@ -26,10 +26,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from beam_turbo import BatchSizer, batching
-from beam_turbo._beam_internals import beam_batch_size_estimator, beam_global_batching_dofn
-from beam_turbo._sizing import Sizing
+from beam_turbo import BatchSizer
+from beam_turbo._beam import internals
+from beam_turbo._dofns.gathering import DownstreamTiming, EmitBatches, GatheringDoFn
+from beam_turbo._gathering.sizing import Sizing
 from beam_turbo.bench._timing import format_seconds, measure, print_table
 
 #: Beam's (and our) default targets.
@@ -217,10 +219,9 @@ def batching_dofn_per_element(which: str, weighted: bool, elements: int) -> None
     if which == "beam":
         dofn = beam_global_batching_dofn(size_fn, record_metrics=False)
     else:
-        sizing = Sizing(BatchSizer(), weigh=size_fn)
-        timing = batching._Timing(time.time, record_metrics=False)
-        cls = batching._BatchingDoFn if weighted else batching._UnitBatchingDoFn
-        dofn = cls(sizing=sizing, timing=timing)
+        sizing = Sizing(BatchSizer(), weight_fn=size_fn)
+        timing = DownstreamTiming(time.time, record_metrics=False)
+        dofn = GatheringDoFn(sizing=sizing, action=EmitBatches(timing))
         dofn.setup()
     dofn.start_bundle()
     process = dofn.process
@@ -371,3 +372,14 @@ def _plot(runs: list[tuple[Scenario, Run, Run]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def beam_batch_size_estimator(**kwargs: Any) -> Any:
+    """Beam's own batch-size estimator, with ``kwargs`` as its arguments."""
+    return internals.BatchSizeEstimator(**kwargs)
+
+
+def beam_global_batching_dofn(element_size_fn: Any = None, **kwargs: Any) -> Any:
+    """Beam's own batching DoFn for the global window."""
+    size_fn = element_size_fn if element_size_fn is not None else (lambda x: 1)
+    return internals.GlobalWindowsBatchingDoFn(internals.BatchSizeEstimator(**kwargs), size_fn)

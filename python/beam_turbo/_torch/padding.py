@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from apache_beam.metrics.metric import Metrics
 
-from beam_turbo._batch import timed_stack
-from beam_turbo._results import prediction_results, rows
-from beam_turbo._stacking import stack
+from beam_turbo._arrays.inputs import timed_stack
+from beam_turbo._arrays.results import prediction_results, rows
+from beam_turbo._arrays.stacking import stack
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
 __all__ = [

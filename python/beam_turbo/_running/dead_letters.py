@@ -9,7 +9,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from beam_turbo._oom import is_out_of_memory
+from beam_turbo._running.oom import is_out_of_memory
 
 __all__ = ["DEAD_LETTER_TAG", "MAIN_TAG", "check_threshold", "dead_letter", "isolating"]
 

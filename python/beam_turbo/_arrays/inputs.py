@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from beam_turbo._stacking import stack
+from beam_turbo._arrays.stacking import stack
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
 __all__ = [

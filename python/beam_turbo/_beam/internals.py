@@ -3,10 +3,21 @@
 Names here are not in Beam's public API (``__all__`` or documented classes) and may change
 between releases, so they are imported only after checking that the installed Beam is a
 release they were read from. Another version fails at import with an error that says so.
+
+What beam-turbo relies on, all listed here (a new Beam release is checked against this list):
+
+- the classes and functions imported or named in :data:`_LAZY_NAMES` below;
+- ``_RunInferenceDoFn``'s attributes ``_model_handler``, ``_metrics_namespace``,
+  ``_model_tag`` and ``_shared_model_handle`` (read and set through :class:`InferenceDoFnParts`)
+  and its method ``_run_inference(batch, inference_args)``, which
+  ``beam_turbo._dofns.beam_inference.BeamInferenceDoFn`` overrides and calls;
+- ``_MetricsCollector``'s ``update``, ``cache_load_model_metrics``,
+  ``update_metrics_with_cache`` and ``failed_batches_counter``.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import apache_beam
@@ -30,7 +41,7 @@ def check_beam_version(version: str = apache_beam.__version__) -> None:
         >>> check_beam_version("2.78.0")
         Traceback (most recent call last):
         ...
-        beam_turbo._beam_internals.UnsupportedBeamVersionError: ...
+        beam_turbo._beam.internals.UnsupportedBeamVersionError: ...
     """
     if ".".join(version.split(".")[:2]) not in SUPPORTED_BEAM:
         supported = ", ".join(f"{v}.x" for v in SUPPORTED_BEAM)
@@ -48,30 +59,77 @@ check_beam_version()
 from apache_beam.transforms.util import (  # noqa: E402
     WithLengthBucketKey,
     WithSharedKey,
-    _BatchSizeEstimator,
-    _GlobalWindowsBatchingDoFn,
+)
+from apache_beam.transforms.util import _BatchSizeEstimator as BatchSizeEstimator  # noqa: E402
+from apache_beam.transforms.util import (  # noqa: E402
+    _GlobalWindowsBatchingDoFn as GlobalWindowsBatchingDoFn,
 )
 from apache_beam.transforms.window import GlobalWindows  # noqa: E402
 from apache_beam.utils.windowed_value import WindowedValue  # noqa: E402
 
-#: The names taken from ``apache_beam.ml.inference.base``, imported on first use: that module
-#: imports torch wherever it is installed (Beam 2.77's model manager), which ``BatchElements``
-#: and ``patch()`` must not do before the pipeline imports it.
-_INFERENCE_BASE_NAMES = {
-    "MetricsCollector": "_MetricsCollector",
-    "RunInferenceDoFn": "_RunInferenceDoFn",
+#: Names imported on first use, as (module, Beam's name): ``apache_beam.ml.inference.base``
+#: imports torch wherever it is installed (Beam 2.77's model manager), and a framework's
+#: module imports the framework, which ``BatchElements`` and ``patch()`` must not do before
+#: the pipeline imports it.
+_LAZY_NAMES = {
+    "MetricsCollector": ("apache_beam.ml.inference.base", "_MetricsCollector"),
+    "RunInferenceDoFn": ("apache_beam.ml.inference.base", "_RunInferenceDoFn"),
+    "sklearn_numpy_inference_fn": (
+        "apache_beam.ml.inference.sklearn_inference",
+        "_default_numpy_inference_fn",
+    ),
+    "sklearn_pandas_inference_fn": (
+        "apache_beam.ml.inference.sklearn_inference",
+        "_default_pandas_inference_fn",
+    ),
 }
 
 
 def __getattr__(name: str) -> Any:
-    private = _INFERENCE_BASE_NAMES.get(name)
-    if private is None:
+    found = _LAZY_NAMES.get(name)
+    if found is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from apache_beam.ml.inference import base
-
-    value = getattr(base, private)
+    module, private = found
+    value = getattr(importlib.import_module(module), private)
     globals()[name] = value
     return value
+
+
+class InferenceDoFnParts:
+    """The private attributes of Beam's inference DoFn (``_RunInferenceDoFn``) that
+    beam-turbo's subclass reads or sets."""
+
+    __slots__ = ("_dofn",)
+
+    def __init__(self, dofn: Any) -> None:
+        self._dofn = dofn
+
+    @property
+    def handler(self) -> Any:
+        return self._dofn._model_handler
+
+    @property
+    def metrics_namespace(self) -> str | None:
+        namespace: str | None = self._dofn._metrics_namespace
+        return namespace
+
+    @property
+    def model_tag(self) -> str:
+        tag: str = self._dofn._model_tag
+        return tag
+
+    @property
+    def shared_model_handle(self) -> Any:
+        return self._dofn._shared_model_handle
+
+    def set_shared_model_handle(self, handle: Any) -> None:
+        """Where Beam's DoFn keeps its ``Shared`` handle (``acquire(load, tag)``)."""
+        self._dofn._shared_model_handle = handle
+
+
+def inference_dofn_parts(dofn: Any) -> InferenceDoFnParts:
+    """Beam's inference DoFn's private parts, for ``dofn`` (a subclass instance)."""
+    return InferenceDoFnParts(dofn)
 
 
 #: Beam's metric namespace and names for batching (``_BatchSizeEstimator``), kept identical
@@ -103,17 +161,6 @@ def length_bucket_key_dofn(length_fn: Any, boundaries: Any) -> Any:
     return WithLengthBucketKey(length_fn, boundaries)
 
 
-def beam_batch_size_estimator(**kwargs: Any) -> Any:
-    """Beam's own ``_BatchSizeEstimator`` (for comparisons), with ``kwargs`` as its arguments."""
-    return _BatchSizeEstimator(**kwargs)
-
-
-def beam_global_batching_dofn(element_size_fn: Any = None, **kwargs: Any) -> Any:
-    """Beam's own batching DoFn for the global window (for comparisons)."""
-    size_fn = element_size_fn if element_size_fn is not None else (lambda x: 1)
-    return _GlobalWindowsBatchingDoFn(_BatchSizeEstimator(**kwargs), size_fn)
-
-
 __all__ = [
     "BATCH_SIZE_METRIC",
     "DEFAULT_BUCKET_BOUNDARIES",
@@ -121,12 +168,14 @@ __all__ = [
     "METRICS_NAMESPACE",
     "MSEC_PER_BATCH_METRIC",
     "SUPPORTED_BEAM",
+    "BatchSizeEstimator",
+    "GlobalWindowsBatchingDoFn",
+    "InferenceDoFnParts",
     "UnsupportedBeamVersionError",
     "WindowedValue",
     "at_end_of_global_window",
-    "beam_batch_size_estimator",
-    "beam_global_batching_dofn",
     "check_beam_version",
+    "inference_dofn_parts",
     "length_bucket_key_dofn",
     "shared_key_dofn",
 ]

@@ -1,0 +1,1 @@
+"""Building arrays and results: ``stack``, a handler's batch, ``PredictionResult``s."""

@@ -1,0 +1,1 @@
+"""Beam's private internals (the one home of their names) and ``patch()``."""

@@ -1,0 +1,315 @@
+"""The gatherer: the one rule by which elements become batches, and its variants as data.
+
+The rule: **a batch is full at its target** (the sizer's answer, capped by
+``max_batch_weight``); **an element that would take a non-empty batch past its target closes
+the batch first** (so an element heavier than the target goes out alone, never after an empty
+batch). :func:`closes_first` and :func:`is_full` state it; everything that batches uses them:
+
+- :class:`Gatherer`, for batches held in memory within a bundle: one batch per window (at most
+  ``MAX_LIVE_WINDOWS``, then the fullest goes), a fast path for the global window with unit
+  weights (:meth:`Gatherer.add_unit`), and pooling: ``pool`` batches' worth gathered, then cut
+  by a :data:`Cut` (sorted by length, :func:`by_length`; or by size, :func:`by_size`);
+- the DoFns that keep their batch in keyed state across bundles
+  (:mod:`beam_turbo._dofns.keyed_state`), which hold counts, not lists, and ask the same two
+  questions.
+
+``BatchElements``, ``SortAndBatchElements`` and every inference DoFn gather through this
+module; none writes the rule again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from beam_turbo._beam import internals
+from beam_turbo._gathering.sizing import Sizing
+
+__all__ = [
+    "MAX_PADDING",
+    "NO_OUTPUT",
+    "POOL_BATCHES",
+    "Cut",
+    "Gatherer",
+    "SizedBatch",
+    "by_length",
+    "by_size",
+    "closes_first",
+    "is_full",
+    "unkeyed_length",
+]
+
+_LOG = logging.getLogger(__name__)
+
+#: How many batches' worth of elements the fused DoFn gathers before sorting them by length.
+POOL_BATCHES = 8
+#: A batch sorted by length closes before more than this share of its tokens would be padding.
+MAX_PADDING = 0.1
+
+#: What a gathering DoFn's ``process`` returns for an element that completes no batch. (Not a
+#: literal None: Beam warns about DoFns whose source returns None.)
+NO_OUTPUT: tuple[()] = ()
+
+
+def closes_first(count: int, held: float, weight: float, target: float) -> bool:
+    """Whether an element of ``weight`` closes a batch of ``count`` elements weighing ``held``
+    before it joins: it would take a non-empty batch past its ``target``.
+
+    Example:
+        >>> closes_first(0, 0.0, 9.0, 4.0), closes_first(3, 3.0, 2.0, 4.0)
+        (False, True)
+    """
+    return count > 0 and held + weight > target
+
+
+def is_full(held: float, target: float) -> bool:
+    """Whether a batch weighing ``held`` is full: it has reached its ``target``."""
+    return held >= target
+
+
+class SizedBatch:
+    """The elements of one batch being gathered, their total weight, and the weight at which
+    the batch is full (chosen when it starts)."""
+
+    __slots__ = ("elements", "target", "weight")
+
+    def __init__(self, target: float, elements: list[Any] | None = None, weight: float = 0.0):
+        self.elements: list[Any] = [] if elements is None else elements
+        self.weight = weight
+        self.target = target
+
+
+#: How a pool of gathered elements is cut into batches, each batch's target asked of the
+#: sizing as it is cut (lazily: after the batch before has run).
+Cut = Callable[[Sequence[Any], Sizing], Iterator[SizedBatch]]
+
+
+class Gatherer:
+    """The batches of one bundle being gathered, one per window.
+
+    Each new batch's target is ``sizing.target()`` (times ``pool``), asked only when the
+    batch starts, so after the batches given out before have run, and can teach the sizer.
+    With a ``cut``, a full pool is given out as the batches ``cut`` makes of it.
+
+    Example:
+        >>> from beam_turbo._gathering.sizing import Sizing
+        >>> sizing = Sizing.from_batching_args({"min_batch_size": 2, "max_batch_size": 2})
+        >>> gatherer = Gatherer(sizing)
+        >>> [batch.elements for _, batch in gatherer.add("a", "w")]
+        []
+        >>> [batch.elements for _, batch in gatherer.add("b", "w")]
+        [['a', 'b']]
+    """
+
+    __slots__ = ("_cut", "_global", "_on_start", "_pool", "_sizing", "batches")
+
+    def __init__(
+        self,
+        sizing: Sizing,
+        pool: float = 1,
+        cut: Cut | None = None,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        self._sizing = sizing
+        self._pool = pool  # gather this many batches' worth, then cut
+        self._cut = cut
+        self._on_start = on_start  # told when the global window's batch starts (add_unit)
+        self._global: SizedBatch | None = None
+        self.batches: dict[Any, SizedBatch] = {}
+
+    def start(self, window: Any) -> SizedBatch:
+        """A new, empty batch for ``window``."""
+        batch = self.batches[window] = SizedBatch(self._sizing.target() * self._pool)
+        return batch
+
+    def add_unit(self, element: Any, window: Any) -> SizedBatch | None:
+        """The fast path of :meth:`add`, for the one window of elements that all weigh 1
+        (no cut): the batch ``element`` fills, or None. No generator, no weighing."""
+        batch = self._global
+        if batch is None:
+            batch = self._global = self.start(window)
+            if self._on_start is not None:
+                self._on_start()
+        elements = batch.elements
+        elements.append(element)
+        if is_full(len(elements), batch.target):
+            del self.batches[window]
+            self._global = None
+            batch.weight = len(elements)
+            return batch
+        return None
+
+    def add(self, element: Any, window: Any) -> Iterator[tuple[Any, SizedBatch]]:
+        """Add ``element`` to its window's batch, giving out each batch that is full (or the
+        fullest, past the window limit) as ``(window, batch)``: run or emit each before
+        going on."""
+        weight = self._sizing.element_weight(element)
+        batch = self.batches.get(window)
+        if batch is not None and closes_first(
+            len(batch.elements), batch.weight, weight, batch.target
+        ):
+            del self.batches[window]
+            yield from self._give_out(window, batch)
+            batch = None
+        if batch is None:
+            batch = self.start(window)
+        batch.elements.append(element)
+        batch.weight += weight
+        if is_full(batch.weight, batch.target):
+            del self.batches[window]
+            yield from self._give_out(window, batch)
+        elif len(self.batches) > internals.MAX_LIVE_WINDOWS:
+            fullest = max(self.batches, key=lambda w: self.batches[w].weight)
+            yield from self._give_out(fullest, self.batches.pop(fullest))
+
+    def drain(self) -> Iterator[tuple[Any, SizedBatch]]:
+        """Every batch still gathering (at the end of a bundle)."""
+        batches, self.batches = self.batches, {}
+        self._global = None
+        for window, batch in batches.items():
+            if self._cut is None and self._sizing.weight_fn is None:
+                batch.weight = len(batch.elements)  # not kept up by add_unit
+            yield from self._give_out(window, batch)
+
+    def _give_out(self, window: Any, batch: SizedBatch) -> Iterator[tuple[Any, SizedBatch]]:
+        if self._cut is None:
+            yield window, batch
+        else:
+            for part in self._cut(batch.elements, self._sizing):
+                yield window, part
+
+
+def by_length(length: Callable[[Any], float]) -> Cut:
+    """A :data:`Cut` for ragged elements: sorted by ``length`` and cut into batches of similar
+    lengths, so that little of each padded batch is padding. A batch closes at the sizer's
+    target (asked anew for each batch), or before padding would exceed :data:`MAX_PADDING`
+    of its tokens, or before its padded weight (its count times its heaviest element's
+    weight: its tokens computed, when weights are token counts) would exceed
+    ``max_batch_weight``.
+
+    An element whose length cannot be read sorts first; the batch it is in fails, and says
+    why.
+
+    Example:
+        >>> sizing = Sizing.from_batching_args({"min_batch_size": 3, "max_batch_size": 3})
+        >>> words = ["xxxxx", "a", "yyyyy", "b", "zzzzz", "cc"]
+        >>> [b.elements for b in by_length(len)(words, sizing)]
+        [['a', 'b'], ['cc'], ['xxxxx', 'yyyyy', 'zzzzz']]
+    """
+
+    def sort_key(element: Any) -> float:
+        try:
+            return max(0.0, float(length(element)))
+        except Exception:  # the handler reports it, for the batch that holds it
+            return 0.0
+
+    def cut(elements: Sequence[Any], sizing: Sizing) -> Iterator[SizedBatch]:
+        ordered = sorted(((sort_key(element), element) for element in elements), key=_first)
+        next_one = 0
+        while next_one < len(ordered):
+            batch = SizedBatch(sizing.target())
+            heaviest = tokens = 0.0
+            while next_one < len(ordered):
+                longest, element = ordered[next_one]
+                weight = sizing.element_weight(element)
+                count = len(batch.elements) + 1
+                padded_tokens = count * longest
+                if batch.elements and (
+                    closes_first(count - 1, batch.weight, weight, batch.target)
+                    or count * max(heaviest, weight) > sizing.max_weight
+                    or padded_tokens - (tokens + longest) > MAX_PADDING * padded_tokens
+                ):
+                    break
+                batch.elements.append(element)
+                batch.weight += weight
+                heaviest = max(heaviest, weight)
+                tokens += longest
+                next_one += 1
+            yield batch
+
+    return cut
+
+
+def unkeyed_length(length_fn: Callable[[Any], float], handler: Any) -> Callable[[Any], float]:
+    """The inner handler's ``batch_length_fn`` for the elements ``RunInference`` gathers: a
+    ``KeyedModelHandler`` passes its inner handler's batching arguments on, but gets
+    ``(key, example)`` pairs; a ``MaybeKeyedModelHandler`` gets either."""
+    from apache_beam.ml.inference import base  # imports torch where installed: on first use
+
+    if isinstance(handler, base.KeyedModelHandler):
+        return lambda element: length_fn(element[1])
+    if isinstance(handler, base.MaybeKeyedModelHandler):
+
+        def length(element: Any) -> float:
+            try:
+                return length_fn(element)
+            except Exception:
+                if isinstance(element, tuple) and len(element) == 2:
+                    return length_fn(element[1])
+                raise
+
+        return length
+    return length_fn
+
+
+def by_size(
+    max_batch_size: int, max_batch_weight: float, size_fn: Callable[[Any], float] | None
+) -> Cut:
+    """A :data:`Cut` with Beam's ``SortAndBatchElements`` rule: sorted by size (``size_fn``,
+    default ``len(element)``, or 1 for elements without a length), stable for equal sizes,
+    and cut into batches of at most the sizer's target (never past ``max_batch_size``) whose
+    sizes sum below ``max_batch_weight``, unless one element alone exceeds it. A batch's
+    ``weight`` is its count: what its sizing measures.
+
+    Example:
+        >>> sizing = Sizing.from_batching_args({"min_batch_size": 2, "max_batch_size": 2})
+        >>> [b.elements for b in by_size(2, 100, None)(["ccc", "a", "dddd", "bb"], sizing)]
+        [['a', 'bb'], ['ccc', 'dddd']]
+    """
+    warned = False
+
+    def size(element: Any) -> float:
+        nonlocal warned
+        if size_fn is not None:
+            return size_fn(element)
+        try:
+            return len(element)
+        except TypeError:
+            if not warned:
+                # Beam's words.
+                _LOG.warning(
+                    "Element of type %s does not support len(). Falling back to size 1. "
+                    "Consider providing a custom element_size_fn to SortAndBatchElements for "
+                    "meaningful size-based batching.",
+                    type(element).__name__,
+                )
+                warned = True
+            return 1
+
+    def limit(sizing: Sizing) -> int:
+        return min(max_batch_size, max(1, int(sizing.target())))
+
+    def cut(elements: Sequence[Any], sizing: Sizing) -> Iterator[SizedBatch]:
+        sized = sorted(((size(element), element) for element in elements), key=_first)
+        batch = SizedBatch(limit(sizing))
+        total = 0.0
+        for element_size, element in sized:
+            # Beam's rule: a batch stays below max_batch_weight unless one element exceeds it.
+            if batch.elements and (
+                is_full(len(batch.elements), batch.target)
+                or total + element_size >= max_batch_weight
+            ):
+                yield batch
+                batch, total = SizedBatch(limit(sizing)), 0.0
+            batch.elements.append(element)
+            batch.weight += 1
+            total += element_size
+        if batch.elements:
+            yield batch
+
+    return cut
+
+
+def _first(pair: tuple[float, Any]) -> float:
+    return pair[0]

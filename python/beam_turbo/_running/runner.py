@@ -1,0 +1,235 @@
+"""The batch runner: running one gathered batch, the one home of what that takes.
+
+:class:`BatchRunner` runs a batch through an :data:`Infer` (the handler through the model
+cache, :class:`HandlerInference`; or Beam's own inference DoFn's step, on the path that keeps
+it) and owns everything around it: dead letters and isolating failing elements, splitting a
+batch that runs out of memory (and telling the sizer its ceiling), the batch-size and
+stack-time metrics. It returns what happened as a :class:`BatchOutcome`; the DoFn gives the
+outputs their timestamps and windows.
+
+:class:`HandlerInference` owns running the handler on a part of a batch, as Beam's inference
+DoFn does: the model from the process's cache (loaded with retries, a failed load not retried
+for its backoff), the time to the sizer, Beam's metrics (``_MetricsCollector``) and
+beam-turbo's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics.metric import Metrics
+from apache_beam.ml.inference import base
+
+from beam_turbo._arrays.inputs import report_stack_time
+from beam_turbo._beam import internals
+from beam_turbo._gathering.gatherer import SizedBatch
+from beam_turbo._gathering.sizing import Sizing
+from beam_turbo._running.dead_letters import dead_letter, isolating
+from beam_turbo._running.loading import CachedModels, retrying
+from beam_turbo._running.oom import run_owning_oom
+
+__all__ = [
+    "BATCH_SIZE_METRIC",
+    "BATCH_TARGET_METRIC",
+    "STACK_TIME_METRIC",
+    "BatchOutcome",
+    "BatchRunner",
+    "HandlerInference",
+    "Infer",
+]
+
+#: beam-turbo's metrics, in the handler's namespace: the elements each batch run held, what it
+#: was gathered for (the sizer's target: a bundle's or window's end closes a batch short of
+#: it), and the time the handler spent stacking it.
+BATCH_SIZE_METRIC = "beam_turbo_batch_size"
+BATCH_TARGET_METRIC = "beam_turbo_batch_target"
+STACK_TIME_METRIC = "beam_turbo_stack_micro_secs"
+
+#: Runs a part of a batch (the whole, or a half after a memory failure or while isolating a
+#: failing element): its results, in order.
+Infer = Callable[[Sequence[Any]], list[Any]]
+
+
+@dataclasses.dataclass(slots=True)
+class BatchOutcome:
+    """What happened to one batch: its outputs, results and dead-letter entries in the
+    batch's order, and how many of its elements went to the dead letters."""
+
+    outputs: list[Any]
+    failed: int = 0
+
+
+class BatchRunner:
+    """Runs gathered batches: see the module docs. Built in a DoFn's ``setup`` (it holds
+    metric cells), one per DoFn instance.
+
+    Args:
+        namespace: the metrics namespace.
+        sizing: told the memory ceiling of a batch (a part) that ran out of memory.
+        exc_class: with exception handling, the errors whose batch goes to the dead letters
+            (None: errors are raised).
+        isolate: the errors for which a failing batch is halved until each failing element is
+            alone (its own dead letter); the rest still give results.
+        prepare: called before a batch runs, with ``exc_class`` caught: a model that never
+            loads fails each batch once, whole, not once per isolated part.
+        on_oom: told the weight of each part that ran out of memory (default: the sizing).
+    """
+
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        sizing: Sizing | None,
+        exc_class: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        isolate: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        prepare: Callable[[], Any] | None = None,
+        on_oom: Callable[[float], None] | None = None,
+    ) -> None:
+        self._sizing = sizing
+        self._exc_class = exc_class
+        self._isolate = isolate
+        self._prepare = prepare
+        if on_oom is None and sizing is not None:
+            on_oom = sizing.record_memory_failure
+        self._on_oom = on_oom
+        self._target_size = Metrics.distribution(namespace, BATCH_TARGET_METRIC)
+        self._stack_time = Metrics.distribution(namespace, STACK_TIME_METRIC)
+
+    def run(self, batch: SizedBatch, infer: Infer) -> BatchOutcome:
+        """Run ``batch`` through ``infer``: its results, or (with ``exc_class``) its dead
+        letters; a batch that runs out of memory is split until it fits."""
+        elements = batch.elements
+        if batch.target > 0:  # 0: not known (a bag this process did not see gather)
+            self._target_size.update(round(batch.target))
+
+        def out_of_memory(part: Sequence[Any]) -> None:
+            if self._on_oom is not None:
+                self._on_oom(self._weight(batch, part))
+
+        run = infer
+        isolate = self._isolate
+        if isolate is not None:
+
+            def run(part: Sequence[Any]) -> list[Any]:
+                return isolating(infer, part, isolate)
+
+        try:
+            if self._exc_class is None:
+                return BatchOutcome(run_owning_oom(run, elements, out_of_memory))
+            try:
+                if self._prepare is not None:
+                    self._prepare()
+                outputs = run_owning_oom(run, elements, out_of_memory)
+            except self._exc_class as error:
+                return BatchOutcome([dead_letter(elements, error)], len(elements))
+            return BatchOutcome(outputs, _dead_lettered(outputs) if isolate is not None else 0)
+        finally:
+            report_stack_time(self._stack_time)
+
+    def _weight(self, batch: SizedBatch, part: Sequence[Any]) -> float:
+        if part is batch.elements:
+            return batch.weight
+        return float(len(part)) if self._sizing is None else self._sizing.batch_weight(part)
+
+
+def _dead_lettered(outputs: list[Any]) -> int:
+    return sum(
+        len(output.value[0]) for output in outputs if isinstance(output, beam.pvalue.TaggedOutput)
+    )
+
+
+class HandlerInference:
+    """A handler's ``run_inference`` on a part of a batch, as Beam's inference DoFn runs it:
+    see the module docs. Built in a DoFn's ``setup``; :meth:`acquire_model` loads the model
+    (a DoFn without exception handling calls it there, to fail at once)."""
+
+    def __init__(
+        self,
+        *,
+        handler: base.ModelHandler,
+        namespace: str,
+        model_tag: str,
+        clock: Any,
+        sizing: Sizing,
+        inference_args: dict[str, Any] | None,
+        retries: int,
+        backoff_secs: float,
+    ) -> None:
+        self._handler = handler
+        self._clock = clock
+        self._sizing = sizing
+        self._inference_args = inference_args
+        self._retries = retries
+        self._backoff_secs = backoff_secs
+        self._metrics = (
+            None if handler.override_metrics(namespace) else internals.MetricsCollector(namespace)
+        )
+        self._batch_size = Metrics.distribution(namespace, BATCH_SIZE_METRIC)
+        self._models = CachedModels(model_tag, namespace)
+        self._load_with_retries = retrying(self._load, retries, backoff_secs)
+        self._model: Any = None
+        self._load_failure: tuple[Exception, float] | None = None  # the error, when to retry
+        self._whole: tuple[Sequence[Any], float] = ((), 0.0)  # the batch running, its weight
+
+    def acquire_model(self) -> Any:
+        """The model, loaded on first use. A load that failed (with its retries) is not tried
+        again for the next batches until ``backoff_secs * 2**retries`` seconds have passed:
+        meanwhile they fail at once with its error, instead of each waiting out the retries."""
+        if self._model is None:
+            failed = self._load_failure
+            if failed is not None and time.monotonic() < failed[1]:
+                raise failed[0].with_traceback(None)
+            try:
+                self._model = self._models.acquire(self._load_with_retries)
+            except Exception as error:
+                retry_at = time.monotonic() + self._backoff_secs * 2**self._retries
+                self._load_failure = (error, retry_at)
+                raise
+            self._load_failure = None
+        return self._model
+
+    def _load(self) -> Any:
+        memory_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        start = self._clock.time_ns()
+        model = self._handler.load_model()
+        latency_ms = (self._clock.time_ns() - start) // 1_000_000
+        if self._metrics is not None:
+            memory_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self._metrics.cache_load_model_metrics(latency_ms, memory_after - memory_before)
+        return model
+
+    def of(self, batch: SizedBatch) -> Infer:
+        """The :data:`Infer` for ``batch``'s parts (its weight known, its parts' weighed)."""
+        self._whole = (batch.elements, batch.weight)
+        return self.__call__
+
+    def __call__(self, part: Sequence[Any]) -> list[Any]:
+        model = self.acquire_model()
+        handler = self._handler
+        start = self._clock.time_ns()
+        try:
+            results = list(handler.run_inference(part, model, self._inference_args))
+        except Exception:
+            if self._metrics is not None:
+                self._metrics.failed_batches_counter.inc()
+            raise
+        elapsed_ns = self._clock.time_ns() - start
+        whole, weight = self._whole
+        self._sizing.record(
+            weight if part is whole else self._sizing.batch_weight(part), elapsed_ns / 1e9
+        )
+        self._batch_size.update(len(part))
+        if self._metrics is not None:
+            self._metrics.update(len(part), handler.get_num_bytes(part), elapsed_ns // 1000)
+        return results
+
+    def bundle_done(self) -> None:
+        """Report what the bundle's batches counted (metrics set in ``setup`` are lost)."""
+        self._models.report_hits()
+        if self._metrics is not None:
+            self._metrics.update_metrics_with_cache()

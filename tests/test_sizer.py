@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beam_turbo import BatchSizer
-from beam_turbo._beam.internals import beam_batch_size_estimator
+from beam_turbo.bench.batching import beam_batch_size_estimator
 from beam_turbo.errors import BeamTurboError, InvalidInputError
 
 

@@ -283,19 +283,6 @@ def run_pipeline(
     return seconds
 
 
-def read_predictions(prefix: str) -> dict[int, list[float]]:
-    """The predictions a pipeline wrote with :func:`run_pipeline`'s ``output``."""
-    found: dict[int, list[float]] = {}
-    folder, name = os.path.split(prefix)
-    for shard in os.listdir(folder):
-        if shard.startswith(name):
-            with open(os.path.join(folder, shard)) as f:
-                for line in f:
-                    key, values = line.rstrip("\n").split("\t")
-                    found[int(key)] = [float(v) for v in values.split()]
-    return found
-
-
 def same_predictions(a: dict[int, list[float]], b: dict[int, list[float]], exact: bool) -> bool:
     if a.keys() != b.keys():
         return False

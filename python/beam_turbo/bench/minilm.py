@@ -25,12 +25,12 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from beam_turbo.bench._outputs import write_or_count
 from beam_turbo.bench.real_models import (
     RealModel,
     Variant,
     best_rate,
     keyed_elements,
-    write_or_count,
 )
 
 CHUNK = 16  # sentences generated per seed

@@ -18,12 +18,12 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
+from beam_turbo.bench._outputs import write_or_count
 from beam_turbo.bench.real_models import (
     RealModel,
     Variant,
     best_rate,
     keyed_elements,
-    write_or_count,
 )
 
 CHUNK = 16  # images generated per seed

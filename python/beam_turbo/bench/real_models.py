@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from beam_turbo.bench._outputs import read_predictions
 from beam_turbo.bench._timing import print_table
 
 #: ``--framework`` name -> the module defining its ``MODEL``.
@@ -308,7 +309,6 @@ def measure(
         finally:
             for worker in workers:
                 worker.close()
-        from beam_turbo.bench.e2e import read_predictions
 
         reference = read_predictions(outputs[variants[0].name])
         for variant in variants[1:]:
@@ -529,25 +529,6 @@ def run_pipeline(
     result.wait_until_finish()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, **_metrics(result)}
-
-
-def write_or_count(keyed_outputs: Any, output: str | None) -> None:
-    """The pipeline's end: ``(id, output)`` lines written to ``output`` (to compare variants),
-    or only counted (a timed run)."""
-    import apache_beam as beam
-
-    if output is None:
-        _ = keyed_outputs | "Count" >> beam.combiners.Count.Globally()
-    else:
-        _ = keyed_outputs | "Format" >> beam.Map(as_line) | "Write" >> beam.io.WriteToText(output)
-
-
-def as_line(keyed: tuple[int, Any]) -> str:
-    """``key<TAB>values``, as :func:`beam_turbo.bench.e2e.read_predictions` reads them."""
-    import numpy as np
-
-    key, values = keyed
-    return f"{key}\t" + " ".join(repr(float(v)) for v in np.asarray(values).reshape(-1))
 
 
 def keyed_elements(chunk: int, make: Callable[[int], Iterator[Any]]) -> Callable[..., Any]:

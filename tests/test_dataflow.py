@@ -40,7 +40,7 @@ from apache_beam.portability import common_urns, python_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 
 import beam_turbo
-from beam_turbo._dofns.gathering import GatheringDoFn
+from beam_turbo._dofns.gathering import GatheringDoFn, RunBatches
 
 pytestmark = [pytest.mark.slow, pytest.mark.dataflow]
 
@@ -266,6 +266,7 @@ def test_pipeline_translates_for_runner_v2_with_the_wheel_staged(
     # (a) beam-turbo's fused DoFn, with its scikit-learn handler, is the inference step.
     dofn = fused_dofn(translation.pipeline)
     assert type(dofn) is GatheringDoFn
+    assert type(dofn._action) is RunBatches
     handler = dofn._action._handler
     assert type(handler) is SklearnModelHandlerNumpy
     assert handler._model_uri == model_uri

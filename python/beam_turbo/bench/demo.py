@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from beam_turbo.bench import e2e
+from beam_turbo.bench._outputs import read_predictions
 from beam_turbo.bench._timing import print_table
 from beam_turbo.bench.real_models import REAL_MODELS
 
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
                     framework, which, checked, options, output=outputs[which]
                 ),
             )
-        stock, turbo = (e2e.read_predictions(outputs[w]) for w in ("stock", "turbo"))
+        stock, turbo = (read_predictions(outputs[w]) for w in ("stock", "turbo"))
     agree = e2e.same_predictions(stock, turbo, framework.exact) and len(stock) == checked
     print()
     print_table(

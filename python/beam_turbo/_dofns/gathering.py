@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
 from apache_beam.metrics.metric import Metrics
-from apache_beam.ml.inference import base
 from apache_beam.transforms import window as beam_window
 
 from beam_turbo._beam import internals
@@ -27,6 +26,9 @@ from beam_turbo._gathering.gatherer import NO_OUTPUT, Cut, Gatherer, SizedBatch
 from beam_turbo._gathering.sizing import Sizing
 from beam_turbo._running.collector import GcHold, cyclic_gc_paused
 from beam_turbo._running.runner import BatchRunner, HandlerInference
+
+if TYPE_CHECKING:  # it imports torch where installed, which BatchElements must not do
+    from apache_beam.ml.inference import base
 
 __all__ = [
     "DownstreamTiming",

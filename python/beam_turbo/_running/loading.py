@@ -8,14 +8,16 @@ import logging
 import pickle
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import Metrics
-from apache_beam.ml.inference import base
 
 from beam_turbo._native import ModelCache
 from beam_turbo.errors import ModelLoadError, ModelNotFoundError
+
+if TYPE_CHECKING:  # it imports torch where installed, which BatchElements must not do
+    from apache_beam.ml.inference import base
 
 __all__ = ["CachedModels", "RetryingLoad", "loading_model", "retrying"]
 

@@ -19,11 +19,10 @@ import dataclasses
 import resource
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
 from apache_beam.metrics.metric import Metrics
-from apache_beam.ml.inference import base
 
 from beam_turbo._arrays.inputs import report_stack_time
 from beam_turbo._beam import internals
@@ -32,6 +31,9 @@ from beam_turbo._gathering.sizing import Sizing
 from beam_turbo._running.dead_letters import dead_letter, isolating
 from beam_turbo._running.loading import CachedModels, retrying
 from beam_turbo._running.oom import run_owning_oom
+
+if TYPE_CHECKING:  # it imports torch where installed, which BatchElements must not do
+    from apache_beam.ml.inference import base
 
 __all__ = [
     "BATCH_SIZE_METRIC",

@@ -182,7 +182,7 @@ def as_line(keyed: tuple[int, Any]) -> str:
 #: The metric through which each SDK worker process reports its peak resident memory.
 PEAK_METRIC = ("beam_turbo_bench", "worker_peak_rss_kib")
 #: The batch-size distributions: Beam's BatchElements' and beam-turbo's fused DoFn's.
-BATCH_SIZE_METRICS = ("batch_size", "beam_turbo_batch_size")
+BATCH_SIZE_METRICS = (internals.BATCH_SIZE_METRIC, BATCH_SIZE_METRIC)
 
 
 @dataclass
@@ -204,7 +204,7 @@ class Reported:
             name = (dist.key.metric.namespace, dist.key.metric.name)
             if name == PEAK_METRIC:
                 self.peak_mib = float(np.fmax(self.peak_mib, value.max / 1024))  # NaN: none yet
-            elif name[1] == "beam_turbo_batch_target":
+            elif name[1] == BATCH_TARGET_METRIC:
                 self.targets += value.count
                 self.targeted += value.sum
             elif name[1] in BATCH_SIZE_METRICS:

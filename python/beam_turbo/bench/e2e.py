@@ -29,6 +29,8 @@ from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.ml.inference import base
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_turbo._beam import internals
+from beam_turbo._running.runner import BATCH_SIZE_METRIC, BATCH_TARGET_METRIC
 from beam_turbo.bench._timing import print_table
 from beam_turbo.bench.real_models import REAL_MODELS
 

@@ -92,6 +92,21 @@ pub enum CoreError {
     #[error("{0}")]
     InvalidArgument(String),
 
+    #[error("need at least one column to interleave")]
+    NoColumns,
+
+    #[error("column {index} has {len} rows, expected {expected} (the length of column 0)")]
+    ColumnLength { index: usize, len: usize, expected: usize },
+
+    #[error("column {index} has dtype {dtype}, which cannot be a feature; supported: {supported}")]
+    ColumnDtype { index: usize, dtype: String, supported: &'static str },
+
+    #[error("dtype={dtype} cannot be the output's dtype: {reason}")]
+    OutputDtype { dtype: String, reason: String },
+
+    #[error("out= overlaps the memory of column {index}; interleave cannot write over its own input")]
+    OutOverlapsColumn { index: usize },
+
     #[error("a model loader acquired the key it is loading from the same cache; it would wait for itself")]
     ReentrantLoad,
 }
@@ -101,7 +116,10 @@ impl CoreError {
     #[must_use]
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::DtypeMismatch { .. } | Self::UnsupportedDtype { .. } => ErrorKind::Type,
+            Self::DtypeMismatch { .. }
+            | Self::UnsupportedDtype { .. }
+            | Self::ColumnDtype { .. }
+            | Self::OutputDtype { .. } => ErrorKind::Type,
             Self::TooLarge { .. } | Self::Alloc { .. } => ErrorKind::Memory,
             Self::Empty
             | Self::ShapeMismatch { .. }
@@ -111,7 +129,10 @@ impl CoreError {
             | Self::Out { .. }
             | Self::OutOverlaps { .. }
             | Self::InvalidArgument(_)
-            | Self::ReentrantLoad => ErrorKind::Value,
+            | Self::ReentrantLoad
+            | Self::NoColumns
+            | Self::ColumnLength { .. }
+            | Self::OutOverlapsColumn { .. } => ErrorKind::Value,
         }
     }
 }

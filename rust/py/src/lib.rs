@@ -3,6 +3,7 @@
 //! the result; the decisions live in the core.
 
 mod cache;
+mod columns;
 mod error;
 mod sizer;
 mod stack;
@@ -13,6 +14,8 @@ use pyo3::prelude::*;
 mod _native {
     #[pymodule_export]
     use crate::cache::ModelCache;
+    #[pymodule_export]
+    use crate::columns::interleave;
     #[pymodule_export]
     use crate::sizer::BatchSizer;
     #[pymodule_export]

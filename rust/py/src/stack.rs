@@ -41,12 +41,12 @@ fn fields(array: &Bound<'_, PyUntypedArray>) -> *const npyffi::PyArrayObject_fie
     unsafe { npyffi::_PyArray_GET_ITEM_DATA(array.as_array_ptr().cast_const()) }
 }
 
-fn data_ptr(array: &Bound<'_, PyUntypedArray>) -> *mut u8 {
+pub(crate) fn data_ptr(array: &Bound<'_, PyUntypedArray>) -> *mut u8 {
     // SAFETY: `fields` points to the live array's struct.
     unsafe { (*fields(array)).data.cast() }
 }
 
-fn flags(array: &Bound<'_, PyUntypedArray>) -> i32 {
+pub(crate) fn flags(array: &Bound<'_, PyUntypedArray>) -> i32 {
     // SAFETY: `fields` points to the live array's struct.
     unsafe { (*fields(array)).flags }
 }
@@ -149,7 +149,7 @@ fn check_out(out: &Bound<'_, PyUntypedArray>, stacker: &Stacker, dtype: &Bound<'
 }
 
 /// Wraps `buf` (holding a batch of `shape` and `dtype`) as a numpy array that owns it.
-fn into_ndarray<'py>(
+pub(crate) fn into_ndarray<'py>(
     py: Python<'py>,
     mut buf: AlignedBuf,
     shape: &[usize],
@@ -281,12 +281,12 @@ pub fn stack<'py>(
 }
 
 /// A raw pointer that may cross into the GIL-released closure.
-struct SendPtr(*mut u8);
+pub(crate) struct SendPtr(pub(crate) *mut u8);
 // SAFETY: the pointee is a buffer the calling thread keeps alive and does not touch while
 // the closure runs; see the SAFETY comment where it is dereferenced.
 unsafe impl Send for SendPtr {}
 impl SendPtr {
-    fn get(&self) -> *mut u8 {
+    pub(crate) fn get(&self) -> *mut u8 {
         self.0
     }
 }

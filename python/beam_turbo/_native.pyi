@@ -1,6 +1,6 @@
 """Type stubs of beam_turbo._native (checked against the built module by stubtest)."""
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, final
 
 import numpy as np
@@ -12,6 +12,7 @@ __all__ = [
     "check_bounds",
     "empty",
     "first_unlike",
+    "interleave",
     "pool_usage",
     "set_pool_limit",
     "stack",
@@ -52,6 +53,9 @@ def set_pool_limit(bytes: int) -> int: ...
 def pool_usage() -> tuple[int, int]: ...
 def empty(shape: list[int] | tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]: ...
 def first_unlike(items: Iterable[Any], attr: str) -> int | None: ...
+def interleave(
+    columns: Sequence[np.ndarray[Any, Any]], dtype: str, out: np.ndarray[Any, Any] | None = None
+) -> np.ndarray[Any, Any]: ...
 def check_bounds(array: np.ndarray[Any, Any], buffer: np.ndarray[Any, Any], index: int) -> None: ...
 
 @final

@@ -15,6 +15,7 @@ __all__ = [
     "BeamTurboError",
     "InvalidInputError",
     "InvalidTypeError",
+    "MissingColumnError",
     "ModelLoadError",
     "ModelNotFoundError",
     "OutOfMemoryError",
@@ -31,6 +32,14 @@ class InvalidInputError(BeamTurboError, ValueError):
 
 class InvalidTypeError(BeamTurboError, TypeError):
     """A type is wrong: a dtype, or an object that exposes no memory."""
+
+
+class MissingColumnError(BeamTurboError, KeyError):
+    """A table lacks a column that was asked for; the message names it and the columns there are."""
+
+    def __str__(self) -> str:
+        # KeyError's own str() shows the repr of its argument, quotes and escapes included.
+        return str(self.args[0]) if self.args else ""
 
 
 class OutOfMemoryError(BeamTurboError, MemoryError):

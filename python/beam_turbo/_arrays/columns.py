@@ -140,9 +140,9 @@ def feature_matrix(
         first_null = column.first_null()
         if first_null is not None and target not in _FLOATS:
             raise InvalidInputError(
-                f"column {column.name!r} has a null at row {first_null}, and a {target} matrix"
-                f" cannot hold one: pass dtype=float32 or float64 (nulls become NaN), or fill"
-                f" or drop the nulls first"
+                f"column {column.name!r} has a null at row {first_null}, which a matrix of"
+                f" dtype {target} cannot hold: pass dtype=float32 or float64 (nulls become NaN),"
+                f" or fill or drop the nulls first"
             )
     if out is None:
         view = _shared(picked, rows, target)
@@ -259,11 +259,10 @@ def _pandas_columns(
         numpy_dtype = np.dtype(numpy_dtype)
         column = _Column(str(name), numpy_dtype)
         nulls = np.flatnonzero(series.isna().to_numpy())
-        if nulls.size:
-            # Unmasked into float64 (one more copy, of this column only); its nulls are NaN.
-            column.add(0, series.to_numpy(dtype=np.float64, na_value=np.nan), nulls)
-        else:
-            column.add(0, series.to_numpy(dtype=numpy_dtype))
+        # Unmasked (a copy of this column where it has nulls; they become NaN later). Zero in
+        # the nulls' place keeps the dtype, so values convert once, as numpy would convert them.
+        values = series.to_numpy(dtype=numpy_dtype, na_value=numpy_dtype.type(0))
+        column.add(0, values, nulls)
         picked.append(column)
     return len(frame), picked
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -27,16 +27,23 @@ from apache_beam.coders import typecoders
 from apache_beam.ml.inference import base
 from apache_beam.transforms import window as beam_window
 
+from beam_turbo._arrays.tables import TableSpec
 from beam_turbo._dofns.beam_inference import BeamInferenceDoFn
 from beam_turbo._dofns.gathering import GatheringDoFn, RunBatches, WindowedGatheringDoFn
 from beam_turbo._dofns.keyed_state import keying_dofn, stateful_inference_dofn
 from beam_turbo._gathering.gatherer import POOL_BATCHES, by_length, unkeyed_length
 from beam_turbo._gathering.sizing import BATCHING_ARGS, LENGTH_ARGS, STREAMING_ARGS, Sizing
 from beam_turbo._running.dead_letters import DEAD_LETTER_TAG, MAIN_TAG, check_threshold
+from beam_turbo._running.tables import check_scores_tables
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
-__all__ = ["RunInference"]
+__all__ = ["TABLE_MAX_BATCH_ROWS", "RunInference"]
+
+#: The largest batch of rows ``with_tables()`` gathers unless the handler sets
+#: ``max_batch_size``: a model's rows are smaller than the elements Beam's default (10,000)
+#: is for.
+TABLE_MAX_BATCH_ROWS = 1 << 16
 
 _LOG = logging.getLogger(__name__)
 
@@ -106,6 +113,49 @@ class RunInference(base.RunInference):
         self._model_load_retries = model_load_retries
         self._model_load_backoff_secs = model_load_backoff_secs
         self._isolate_failures = False
+        self._tables: TableSpec | None = None
+
+    def with_tables(
+        self,
+        feature_columns: Sequence[str] | None = None,
+        *,
+        keep_columns: Sequence[str] | None = None,
+        prediction_column: str = "prediction",
+        feature_dtype: str | None = None,
+        prediction_dtype: str | None = None,
+    ) -> RunInference:
+        """Score tables column-wise: each element is a table (a ``pyarrow.Table`` or
+        ``RecordBatch``, a ``pandas.DataFrame``; ``ReadFromParquetBatched`` gives pyarrow
+        Tables). Tables are cut and joined into batches of the sizer's target rows, and each
+        batch comes out as one table of the same kind, with ``keep_columns`` (default: all)
+        and the prediction in ``prediction_column``. The feature columns (default: every
+        column not in ``keep_columns``) become the model's input matrix in one copy, of
+        ``feature_dtype`` (default: the columns' common type); predictions are of
+        ``prediction_dtype`` (default: what the model returns; a Parquet writer's schema must
+        match). With exception
+        handling, failing rows reach the dead letters as rows (dicts); with
+        ``isolate_failures=True`` the batch is halved to find them and the rest are scored.
+
+        The handler must score a matrix (``predict_matrix``): beam-turbo's
+        ``SklearnModelHandlerNumpy``, ``SklearnModelHandlerPandas``,
+        ``PytorchModelHandlerTensor`` and ``TFModelHandlerNumpy`` do.
+
+        Example:
+            >>> # (p | beam.io.ReadFromParquetBatched("in-*.parquet")
+            >>> #    | RunInference(handler).with_tables(keep_columns=["id"])
+            >>> #    | beam.io.WriteToParquetBatched("out", schema))
+        """
+        check_scores_tables(self._model_handler)
+        if not prediction_column:
+            raise InvalidInputError("prediction_column must be a non-empty column name")
+        self._tables = TableSpec(
+            feature_columns=None if feature_columns is None else tuple(feature_columns),
+            prediction_column=prediction_column,
+            keep_columns=None if keep_columns is None else tuple(keep_columns),
+            feature_dtype=feature_dtype,
+            prediction_dtype=prediction_dtype,
+        )
+        return self
 
     def with_exception_handling(
         self,
@@ -178,6 +228,13 @@ class RunInference(base.RunInference):
         pcoll, bad_preprocessed = self._apply_fns(
             pcoll, handler.get_preprocess_fns(), "BeamML_RunInference_Preprocess"
         )
+        if self._tables is not None and not self._can_fuse():
+            raise InvalidInputError(
+                "with_tables() scores tables in one fused step; it does not take a model side "
+                "input, watch_model_pattern, an inference_args side input, the model manager, "
+                "large_model/model_copies, timeout= or use_subprocess=True, nor a handler "
+                "without batching"
+            )
         if self._can_fuse():
             results, bad_inference = self._infer_fused(pcoll)
         else:
@@ -189,7 +246,15 @@ class RunInference(base.RunInference):
         The DoFn is the gatherer's variant for the input (the global window, windows, keyed
         state across bundles) composed with the batch runner (:class:`RunBatches`)."""
         handler = self._model_handler
-        batching_args = handler.batch_elements_kwargs()
+        batching_args = dict(handler.batch_elements_kwargs())
+        if self._tables is not None:
+            # Rows: a batch of a model's rows is larger than one of its elements.
+            batching_args.setdefault("max_batch_size", TABLE_MAX_BATCH_ROWS)
+            if "max_batch_duration_secs" in batching_args or "length_fn" in batching_args:
+                raise InvalidInputError(
+                    "with_tables() does not batch across bundles (max_batch_duration_secs) "
+                    "nor by length (batch_length_fn) yet"
+                )
         sizing = Sizing.from_batching_args(batching_args)
         action = RunBatches(
             handler=handler,
@@ -201,6 +266,7 @@ class RunInference(base.RunInference):
             backoff_secs=self._model_load_backoff_secs,
             exc_class=self._exc_class if self._with_exception_handling else None,
             isolate_failures=self._isolate_failures,
+            tables=self._tables,
         )
         max_buffering_secs = batching_args.get("max_batch_duration_secs")
         length_fn = batching_args.get("length_fn")
@@ -228,7 +294,9 @@ class RunInference(base.RunInference):
                 pooled = {"pool": POOL_BATCHES, "cut": cut}
             windowed = not isinstance(pcoll.windowing.windowfn, beam_window.GlobalWindows)
             dofn_class = WindowedGatheringDoFn if windowed else GatheringDoFn
-            fused = dofn_class(sizing=sizing, action=action, **pooled)
+            fused = dofn_class(
+                sizing=sizing, action=action, rows=self._tables is not None, **pooled
+            )
         pardo = beam.ParDo(fused).with_resource_hints(**handler.get_resource_hints())
         if not self._with_exception_handling:
             return batched | "BeamML_RunInference" >> pardo, None

@@ -36,6 +36,7 @@ from apache_beam.ml.inference.base import PredictionResult
 
 from beam_turbo._torch.inference import TorchInference, beam_device_name, resolve_device
 from beam_turbo._torch.padding import check_pad_values, token_length
+from beam_turbo.errors import InvalidInputError
 
 __all__ = ["PytorchModelHandlerKeyedTensor", "PytorchModelHandlerTensor", "resolve_device"]
 
@@ -114,6 +115,25 @@ class PytorchModelHandlerTensor(TorchInference, beam_pytorch.PytorchModelHandler
             return self._run_user_fn(batch, model, args, model_id)
 
         return self._run_stacked(batch, model, args, model_id)
+
+    def predict_matrix(
+        self,
+        matrix: Any,
+        model: torch.nn.Module,
+        inference_args: dict[str, Any] | None = None,
+        feature_names: Sequence[str] = (),
+    ) -> Any:
+        """Predict a table's rows, given as one matrix of its feature columns (for
+        ``RunInference(...).with_tables()``): the model called with one tensor that shares
+        the matrix's memory on the CPU; one prediction per row, as numpy."""
+        if self._inference_fn is not beam_pytorch.default_tensor_inference_fn:
+            raise InvalidInputError(
+                "with_tables() calls the model on the feature matrix itself: it does not take "
+                f"a custom inference_fn ({self._inference_fn!r})"
+            )
+        with self._modes():
+            output = model(torch.from_numpy(matrix).to(self._device), **(inference_args or {}))
+        return output.detach().float().cpu().numpy()
 
 
 class PytorchModelHandlerKeyedTensor(TorchInference, beam_pytorch.PytorchModelHandlerKeyedTensor):

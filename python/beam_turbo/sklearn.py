@@ -74,6 +74,20 @@ class SklearnModelHandlerNumpy(beam_sklearn.SklearnModelHandlerNumpy):
 
         return run_splitting_on_oom(run, batch)
 
+    def predict_matrix(
+        self,
+        matrix: np.ndarray[Any, Any],
+        model: Any,
+        inference_args: dict[str, Any] | None = None,
+        feature_names: Sequence[str] = (),
+    ) -> Any:
+        """Predict a table's rows, given as one matrix of its feature columns (for
+        ``RunInference(...).with_tables()``): one prediction per row."""
+        args = inference_args or {}
+        if self._model_inference_fn is _BEAM_NUMPY_FN:
+            return model.predict(matrix, **args)
+        return self._model_inference_fn(model, matrix, args)
+
 
 class SklearnModelHandlerPandas(beam_sklearn.SklearnModelHandlerPandas):
     """Beam's ``SklearnModelHandlerPandas``, faster: the batch is concatenated once and each
@@ -109,3 +123,18 @@ class SklearnModelHandlerPandas(beam_sklearn.SklearnModelHandlerPandas):
             return prediction_results(examples, predictions, self._model_uri)
 
         return run_splitting_on_oom(run, batch)
+
+    def predict_matrix(
+        self,
+        matrix: np.ndarray[Any, Any],
+        model: Any,
+        inference_args: dict[str, Any] | None = None,
+        feature_names: Sequence[str] = (),
+    ) -> Any:
+        """Predict a table's rows, given as one matrix of its feature columns (for
+        ``RunInference(...).with_tables()``): the model sees a frame with the columns' names."""
+        frame = pandas.DataFrame(matrix, columns=list(feature_names) or None, copy=False)
+        if self._model_inference_fn is _BEAM_PANDAS_FN:
+            return model.predict(frame, **(inference_args or {}))
+        predictions, _ = self._model_inference_fn(model, [frame], inference_args)
+        return predictions

@@ -31,6 +31,7 @@ from beam_turbo._arrays.inputs import numpy_batch, timed_stack
 from beam_turbo._arrays.results import prediction_results
 from beam_turbo._running.loading import loading_model
 from beam_turbo._running.oom import run_splitting_on_oom
+from beam_turbo.errors import InvalidInputError
 
 __all__ = ["ModelType", "TFModelHandlerNumpy", "TFModelHandlerTensor"]
 
@@ -91,6 +92,23 @@ class TFModelHandlerNumpy(_TFRunner, beam_tf.TFModelHandlerNumpy):
     ) -> Iterable[PredictionResult]:
         """Run the model on a batch of numpy arrays; one eager-tensor result per array."""
         return _TFRunner.run_inference(self, batch, model, inference_args)
+
+    def predict_matrix(
+        self,
+        matrix: np.ndarray[Any, Any],
+        model: tf.Module,
+        inference_args: dict[str, Any] | None = None,
+        feature_names: Sequence[str] = (),
+    ) -> Any:
+        """Predict a table's rows, given as one matrix of its feature columns (for
+        ``RunInference(...).with_tables()``): one prediction per row, as numpy."""
+        if self._inference_fn is not self._beam_default:
+            raise InvalidInputError(
+                "with_tables() calls the model on the feature matrix itself: it does not take "
+                f"a custom inference_fn ({self._inference_fn!r})"
+            )
+        with _on_device():
+            return np.asarray(model(matrix, **(inference_args or {})))
 
 
 class TFModelHandlerTensor(_TFRunner, beam_tf.TFModelHandlerTensor):

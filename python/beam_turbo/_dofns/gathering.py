@@ -21,11 +21,12 @@ import apache_beam as beam
 from apache_beam.metrics.metric import Metrics
 from apache_beam.transforms import window as beam_window
 
+from beam_turbo._arrays.tables import TableSpec
 from beam_turbo._beam import internals
 from beam_turbo._gathering.gatherer import NO_OUTPUT, Cut, Gatherer, SizedBatch
 from beam_turbo._gathering.sizing import Sizing
 from beam_turbo._running.collector import GcHold, cyclic_gc_paused
-from beam_turbo._running.runner import BatchRunner, HandlerInference
+from beam_turbo._running.runner import BatchRunner, HandlerInference, Infer, ModelSource
 
 if TYPE_CHECKING:  # it imports torch where installed, which BatchElements must not do
     from apache_beam.ml.inference import base
@@ -153,8 +154,10 @@ class RunBatches:
         backoff_secs: float,
         exc_class: type[BaseException] | tuple[type[BaseException], ...] | None,
         isolate_failures: bool,
+        tables: TableSpec | None = None,
     ) -> None:
         self._handler = handler
+        self._tables = tables
         self._clock = clock
         self._metrics_namespace = metrics_namespace
         self._model_tag = model_tag
@@ -168,28 +171,41 @@ class RunBatches:
         handler = self._handler
         handler.set_environment_vars()
         namespace = self._metrics_namespace or handler.get_metrics_namespace()
-        self._inference = HandlerInference(
+        self._models = ModelSource(
             handler=handler,
             namespace=namespace,
             model_tag=self._model_tag,
             clock=self._clock,
-            sizing=sizing,
-            inference_args=self._inference_args,
             retries=self._retries,
             backoff_secs=self._backoff_secs,
         )
+        inference = dict(
+            handler=handler,
+            models=self._models,
+            namespace=namespace,
+            clock=self._clock,
+            sizing=sizing,
+            inference_args=self._inference_args,
+        )
+        if self._tables is None:
+            self._infer: Callable[[SizedBatch], Infer] = HandlerInference(**inference).of
+        else:
+            from beam_turbo._running.tables import TableInference
+
+            table_inference = TableInference(**inference, spec=self._tables)
+            self._infer = lambda batch: table_inference
         exc_class = self._exc_class
         self.runner = BatchRunner(
             namespace=namespace,
             sizing=sizing,
             exc_class=exc_class,
             isolate=exc_class if self._isolate_failures else None,
-            prepare=self._inference.acquire_model,
+            prepare=self._models.acquire_model,
         )
         self._gc_hold = GcHold()
         weakref.finalize(self, self._gc_hold.give_back)
         if exc_class is None:
-            self._inference.acquire_model()  # fail at once; with exception handling, per batch
+            self._models.acquire_model()  # fail at once; with exception handling, per batch
 
     def started(self) -> None:
         self._gc_hold.take()
@@ -212,11 +228,11 @@ class RunBatches:
 
     def outputs(self, batch: SizedBatch) -> list[Any]:
         """Run ``batch``: its results and dead-letter entries."""
-        return self.runner.run(batch, self._inference.of(batch)).outputs
+        return self.runner.run(batch, self._infer(batch)).outputs
 
     def bundle_done(self) -> None:
         self._gc_hold.give_back()
-        self._inference.bundle_done()
+        self._models.bundle_done()
 
     def release(self) -> None:
         """Give back what a batch being gathered holds (a bundle that failed, teardown)."""
@@ -243,12 +259,19 @@ class GatheringDoFn(beam.DoFn):
     crosses a bundle."""
 
     def __init__(
-        self, *, sizing: Sizing, action: Action, pool: float = 1, cut: Cut | None = None
+        self,
+        *,
+        sizing: Sizing,
+        action: Action,
+        pool: float = 1,
+        cut: Cut | None = None,
+        rows: bool = False,
     ) -> None:
         self._sizing = sizing  # its key travels along: the transform's one sizing per process
         self._action = action
         self._pool = pool
         self._cut = cut
+        self._rows = rows  # elements are tables, cut and joined into batches of rows
 
     def setup(self) -> None:
         # Every instance of this DoFn in a worker process (Flink subtasks, Spark tasks, a DoFn
@@ -256,13 +279,13 @@ class GatheringDoFn(beam.DoFn):
         self._sizing = self._sizing.shared()
         self._action.setup(self._sizing)
         # Elements that all weigh 1 and are not pooled take the gatherer's fast path.
-        self._unit = self._sizing.weight_fn is None and self._cut is None
+        self._unit = self._sizing.weight_fn is None and self._cut is None and not self._rows
         self._take = self._action.take
 
     def start_bundle(self) -> None:
         self._action.release()  # a bundle that failed while gathering
         self._gatherer = Gatherer(
-            self._sizing, self._pool, self._cut, on_start=self._action.started
+            self._sizing, self._pool, self._cut, on_start=self._action.started, rows=self._rows
         )
         self._add_unit = self._gatherer.add_unit
 

@@ -7,8 +7,10 @@ batch). :func:`closes_first` and :func:`is_full` state it; everything that batch
 
 - :class:`Gatherer`, for batches held in memory within a bundle: one batch per window (at most
   ``MAX_LIVE_WINDOWS``, then the fullest goes), a fast path for the global window with unit
-  weights (:meth:`Gatherer.add_unit`), and pooling: ``pool`` batches' worth gathered, then cut
-  by a :data:`Cut` (sorted by length, :func:`by_length`; or by size, :func:`by_size`);
+  weights (:meth:`Gatherer.add_unit`), pooling: ``pool`` batches' worth gathered, then cut
+  by a :data:`Cut` (sorted by length, :func:`by_length`; or by size, :func:`by_size`), and
+  rows of tables (``rows=True``): a table is an element that can be cut, so one that does not
+  fit fills the batch and its rest starts the next (large tables cut, small ones joined);
 - the DoFns that keep their batch in keyed state across bundles
   (:mod:`beam_turbo._dofns.keyed_state`), which hold counts, not lists, and ask the same two
   questions.
@@ -20,9 +22,11 @@ module; none writes the rule again.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from beam_turbo._arrays.tables import TableRows, check_table, row_count, slice_rows
 from beam_turbo._beam import internals
 from beam_turbo._gathering.sizing import Sizing
 
@@ -102,7 +106,7 @@ class Gatherer:
         [['a', 'b']]
     """
 
-    __slots__ = ("_cut", "_global", "_on_start", "_pool", "_sizing", "batches")
+    __slots__ = ("_cut", "_global", "_on_start", "_pool", "_rows", "_sizing", "batches")
 
     def __init__(
         self,
@@ -110,8 +114,10 @@ class Gatherer:
         pool: float = 1,
         cut: Cut | None = None,
         on_start: Callable[[], None] | None = None,
+        rows: bool = False,
     ) -> None:
         self._sizing = sizing
+        self._rows = rows  # elements are tables, batches rows (TableRows)
         self._pool = pool  # gather this many batches' worth, then cut
         self._cut = cut
         self._on_start = on_start  # told when the global window's batch starts (add_unit)
@@ -144,6 +150,9 @@ class Gatherer:
         """Add ``element`` to its window's batch, giving out each batch that is full (or the
         fullest, past the window limit) as ``(window, batch)``: run or emit each before
         going on."""
+        if self._rows:
+            yield from self._add_rows(element, window)
+            return
         weight = self._sizing.element_weight(element)
         batch = self.batches.get(window)
         if batch is not None and closes_first(
@@ -163,17 +172,42 @@ class Gatherer:
             fullest = max(self.batches, key=lambda w: self.batches[w].weight)
             yield from self._give_out(fullest, self.batches.pop(fullest))
 
+    def _add_rows(self, table: Any, window: Any) -> Iterator[tuple[Any, SizedBatch]]:
+        """A table's rows, cut where a batch fills: each part joins its window's batch."""
+        check_table(table)
+        rows = row_count(table)
+        start = 0
+        while start < rows:
+            batch = self.batches.get(window)
+            if batch is None:
+                batch = self.start(window)
+            room = max(1, math.ceil(batch.target - batch.weight))
+            stop = min(rows, start + room)
+            part = table if (start, stop) == (0, rows) else slice_rows(table, start, stop)
+            batch.elements.append(part)
+            batch.weight += stop - start
+            start = stop
+            if is_full(batch.weight, batch.target):
+                del self.batches[window]
+                yield from self._give_out(window, batch)
+        if len(self.batches) > internals.MAX_LIVE_WINDOWS:
+            fullest = max(self.batches, key=lambda w: self.batches[w].weight)
+            yield from self._give_out(fullest, self.batches.pop(fullest))
+
     def drain(self) -> Iterator[tuple[Any, SizedBatch]]:
         """Every batch still gathering (at the end of a bundle)."""
         batches, self.batches = self.batches, {}
         self._global = None
         for window, batch in batches.items():
-            if self._cut is None and self._sizing.weight_fn is None:
+            if self._cut is None and self._sizing.weight_fn is None and not self._rows:
                 batch.weight = len(batch.elements)  # not kept up by add_unit
             yield from self._give_out(window, batch)
 
     def _give_out(self, window: Any, batch: SizedBatch) -> Iterator[tuple[Any, SizedBatch]]:
-        if self._cut is None:
+        if self._rows:
+            batch.elements = TableRows(batch.elements)  # type: ignore[assignment]
+            yield window, batch
+        elif self._cut is None:
             yield window, batch
         else:
             for part in self._cut(batch.elements, self._sizing):

@@ -7,10 +7,11 @@ batch that runs out of memory (and telling the sizer its ceiling), the batch-siz
 stack-time metrics. It returns what happened as a :class:`BatchOutcome`; the DoFn gives the
 outputs their timestamps and windows.
 
-:class:`HandlerInference` owns running the handler on a part of a batch, as Beam's inference
-DoFn does: the model from the process's cache (loaded with retries, a failed load not retried
-for its backoff), the time to the sizer, Beam's metrics (``_MetricsCollector``) and
-beam-turbo's.
+:class:`ModelSource` owns the model as Beam's inference DoFn holds it: from the process's cache,
+loaded with retries, a failed load not retried for its backoff, Beam's load metrics.
+:class:`HandlerInference` runs the handler on a part of a batch with it, as Beam's inference
+DoFn does: the time to the sizer, Beam's metrics (``_MetricsCollector``) and beam-turbo's.
+(Tables have an infer of their own, ``_running/tables.py``.)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "BatchRunner",
     "HandlerInference",
     "Infer",
+    "ModelSource",
 ]
 
 #: beam-turbo's metrics, in the handler's namespace: the elements each batch run held, what it
@@ -145,10 +147,10 @@ def _dead_lettered(outputs: list[Any]) -> int:
     )
 
 
-class HandlerInference:
-    """A handler's ``run_inference`` on a part of a batch, as Beam's inference DoFn runs it:
-    see the module docs. Built in a DoFn's ``setup``; :meth:`acquire_model` loads the model
-    (a DoFn without exception handling calls it there, to fail at once)."""
+class ModelSource:
+    """A transform's model in a worker process, as Beam's inference DoFn holds it: from the
+    process's cache (one load per process), loaded with retries, a failed load not retried
+    for its backoff; Beam's load metrics. Built in a DoFn's ``setup``."""
 
     def __init__(
         self,
@@ -157,26 +159,21 @@ class HandlerInference:
         namespace: str,
         model_tag: str,
         clock: Any,
-        sizing: Sizing,
-        inference_args: dict[str, Any] | None,
         retries: int,
         backoff_secs: float,
     ) -> None:
         self._handler = handler
         self._clock = clock
-        self._sizing = sizing
-        self._inference_args = inference_args
         self._retries = retries
         self._backoff_secs = backoff_secs
-        self._metrics = (
+        #: Beam's metrics collector (None: the handler reports its own).
+        self.metrics = (
             None if handler.override_metrics(namespace) else internals.MetricsCollector(namespace)
         )
-        self._batch_size = Metrics.distribution(namespace, BATCH_SIZE_METRIC)
         self._models = CachedModels(model_tag, namespace)
         self._load_with_retries = retrying(self._load, retries, backoff_secs)
         self._model: Any = None
         self._load_failure: tuple[Exception, float] | None = None  # the error, when to retry
-        self._whole: tuple[Sequence[Any], float] = ((), 0.0)  # the batch running, its weight
 
     def acquire_model(self) -> Any:
         """The model, loaded on first use. A load that failed (with its retries) is not tried
@@ -200,10 +197,40 @@ class HandlerInference:
         start = self._clock.time_ns()
         model = self._handler.load_model()
         latency_ms = (self._clock.time_ns() - start) // 1_000_000
-        if self._metrics is not None:
+        if self.metrics is not None:
             memory_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            self._metrics.cache_load_model_metrics(latency_ms, memory_after - memory_before)
+            self.metrics.cache_load_model_metrics(latency_ms, memory_after - memory_before)
         return model
+
+    def bundle_done(self) -> None:
+        """Report what the bundle counted (metrics set in ``setup`` are lost)."""
+        self._models.report_hits()
+        if self.metrics is not None:
+            self.metrics.update_metrics_with_cache()
+
+
+class HandlerInference:
+    """A handler's ``run_inference`` on a part of a batch, as Beam's inference DoFn runs it:
+    the model from the :class:`ModelSource`, the time to the sizer, Beam's metrics and
+    beam-turbo's. Built in a DoFn's ``setup``."""
+
+    def __init__(
+        self,
+        *,
+        handler: base.ModelHandler,
+        models: ModelSource,
+        namespace: str,
+        clock: Any,
+        sizing: Sizing,
+        inference_args: dict[str, Any] | None,
+    ) -> None:
+        self._handler = handler
+        self._models = models
+        self._clock = clock
+        self._sizing = sizing
+        self._inference_args = inference_args
+        self._batch_size = Metrics.distribution(namespace, BATCH_SIZE_METRIC)
+        self._whole: tuple[Sequence[Any], float] = ((), 0.0)  # the batch running, its weight
 
     def of(self, batch: SizedBatch) -> Infer:
         """The :data:`Infer` for ``batch``'s parts (its weight known, its parts' weighed)."""
@@ -211,14 +238,15 @@ class HandlerInference:
         return self.__call__
 
     def __call__(self, part: Sequence[Any]) -> list[Any]:
-        model = self.acquire_model()
+        model = self._models.acquire_model()
+        metrics = self._models.metrics
         handler = self._handler
         start = self._clock.time_ns()
         try:
             results = list(handler.run_inference(part, model, self._inference_args))
         except Exception:
-            if self._metrics is not None:
-                self._metrics.failed_batches_counter.inc()
+            if metrics is not None:
+                metrics.failed_batches_counter.inc()
             raise
         elapsed_ns = self._clock.time_ns() - start
         whole, weight = self._whole
@@ -226,12 +254,6 @@ class HandlerInference:
             weight if part is whole else self._sizing.batch_weight(part), elapsed_ns / 1e9
         )
         self._batch_size.update(len(part))
-        if self._metrics is not None:
-            self._metrics.update(len(part), handler.get_num_bytes(part), elapsed_ns // 1000)
+        if metrics is not None:
+            metrics.update(len(part), handler.get_num_bytes(part), elapsed_ns // 1000)
         return results
-
-    def bundle_done(self) -> None:
-        """Report what the bundle's batches counted (metrics set in ``setup`` are lost)."""
-        self._models.report_hits()
-        if self._metrics is not None:
-            self._metrics.update_metrics_with_cache()

@@ -503,3 +503,63 @@ def check_dead_letters(handler: Any, data: list[Any], unscorable: list[str], iso
         assert_that(everything, equal_to([describe(x) for x in data]), label="each once")
         if isolate:
             assert_that(dead, equal_to(unscorable), label="only the unscorable")
+
+
+# --- a model that returns more or fewer rows than the batch -------------------------------
+
+
+def first_rows(count_change: int) -> Any:
+    """A scikit-learn ``inference_fn`` whose model returns ``count_change`` rows more (or,
+    negative, fewer) than the batch has elements."""
+
+    def inference_fn(model: Any, batch: Any, inference_args: Any = None) -> Any:
+        predictions = model.predict(np.stack(batch))
+        if count_change < 0:
+            return predictions[:count_change]
+        return np.concatenate([predictions, predictions[:1].repeat(count_change)])
+
+    return inference_fn
+
+
+@pytest.mark.parametrize("count_change", [-1, 1])
+def test_a_model_with_too_many_or_too_few_rows_is_an_error_naming_the_counts(
+    count_change: int,
+) -> None:
+    handler = SklearnModelHandlerNumpy("unused.pkl", inference_fn=first_rows(count_change))
+    batch = [np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0]), np.array([7.0, 8.0, 9.0])]
+    rows = 3 + count_change
+    with pytest.raises(ValueError, match=f"returned {rows} predictions for a batch of 3 elements"):
+        handler.run_inference(batch, _SKLEARN_MODEL)
+
+
+def test_predictions_as_a_generator_of_the_right_length_are_results() -> None:
+    def inference_fn(model: Any, batch: Any, inference_args: Any = None) -> Any:
+        return (float(row.sum()) for row in batch)
+
+    handler = SklearnModelHandlerNumpy("unused.pkl", inference_fn=inference_fn)
+    results = handler.run_inference([np.ones(3), np.zeros(3)], _SKLEARN_MODEL)
+    assert [r.inference for r in results] == [3.0, 0.0]
+
+
+@pytest.mark.parametrize("count_change", [-1, 1])
+def test_a_model_with_the_wrong_row_count_loses_no_element(
+    tmp_path: Any, count_change: int
+) -> None:
+    """Beam pairs predictions with elements up to the shorter side: a model one row short
+    loses an element a batch, silently. Here each element comes out, as a dead letter."""
+    path = str(tmp_path / "linear.pkl")
+    with open(path, "wb") as f:
+        pickle.dump(_SKLEARN_MODEL, f)
+    handler = SklearnModelHandlerNumpy(path, inference_fn=first_rows(count_change))
+    data = [np.array([float(i), 1.0, 2.0]) for i in range(20)]
+    with beam.Pipeline() as pipeline:
+        results, dlq = (
+            pipeline | beam.Create(data) | RunInference(handler).with_exception_handling()
+        )
+        dead = dlq.failed_inferences | beam.FlatMap(lambda failure: map(describe, failure[0]))
+        errors = dlq.failed_inferences | beam.Map(
+            lambda failure: "predictions for" in str(failure[1])
+        )
+        assert_that(results | beam.Map(what_came_in), equal_to([]), label="no results")
+        assert_that(dead, equal_to([describe(x) for x in data]), label="all dead letters")
+        assert_that(errors | beam.Distinct(), equal_to([True]), label="the counts named")

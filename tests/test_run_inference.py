@@ -3,7 +3,9 @@ load retries, OOM splitting, exception handling, metrics, and patch()/unpatch().
 
 from __future__ import annotations
 
+import io
 import pickle
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -13,6 +15,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.io.filesystem import FileSystem
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference import base
 from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy as BeamSklearn
@@ -24,7 +27,7 @@ from sklearn.linear_model import LinearRegression
 
 import beam_turbo
 from beam_turbo import RunInference
-from beam_turbo.errors import InvalidInputError, InvalidTypeError
+from beam_turbo.errors import InvalidInputError, InvalidTypeError, ModelLoadError
 from beam_turbo.sklearn import SklearnModelHandlerNumpy
 from tests.side_inputs import in_fixed_windows
 
@@ -189,6 +192,96 @@ def test_a_missing_model_file_is_not_retried(tmp_path: Path) -> None:
     attempts = [line for line in record.read_text().splitlines() if line.startswith("attempt")]
     assert attempts, "the model was never loaded"
     assert set(attempts) == {"attempt 1"}, attempts
+
+
+class AttemptedSklearn(SklearnModelHandlerNumpy):
+    """Notes each load as ``attempt N`` in ``record``, N counted on this handler object."""
+
+    def __init__(self, model_uri: str, record: str) -> None:
+        super().__init__(model_uri)
+        self.record = record
+
+    def load_model(self) -> Any:
+        self.attempts = getattr(self, "attempts", 0) + 1
+        with open(self.record, "a") as f:
+            f.write(f"attempt {self.attempts}\n")
+        return super().load_model()
+
+
+#: Pickles of a model class the worker cannot import: its module, or the class in its module.
+NEEDS_A_MISSING_MODULE = b"cno_such_module_for_beam_turbo\nModel\n."
+NEEDS_A_MISSING_CLASS = b"cjson\nNoSuchModelClass\n."
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        (NEEDS_A_MISSING_MODULE, "needs the module 'no_such_module_for_beam_turbo'"),
+        (NEEDS_A_MISSING_CLASS, "Can't get attribute 'NoSuchModelClass' on <module 'json'"),
+    ],
+)
+def test_a_model_that_needs_a_module_the_worker_lacks_is_named_and_not_retried(
+    tmp_path: Path, payload: bytes, named: str
+) -> None:
+    path = tmp_path / "model.pkl"
+    path.write_bytes(payload)
+    with pytest.raises(ModelLoadError, match=re.escape(named)):
+        SklearnModelHandlerNumpy(str(path)).load_model()
+    record = tmp_path / "calls"
+    handler = AttemptedSklearn(str(path), str(record))
+    transform = RunInference(handler, model_load_retries=2, model_load_backoff_secs=0.0)
+    with pytest.raises(Exception, match=re.escape(named)), beam.Pipeline() as pipeline:
+        _ = pipeline | beam.Create([np.ones(3)]) | transform
+    assert set(record.read_text().splitlines()) == {"attempt 1"}
+
+
+def test_a_users_loader_missing_a_module_is_not_retried(tmp_path: Path) -> None:
+    record = tmp_path / "calls"
+    handler = AttemptCounter(fail_loads=100, load_error=ModuleNotFoundError, record=str(record))
+    with pytest.raises(Exception, match="model store unavailable"), beam.Pipeline() as pipeline:
+        _ = pipeline | beam.Create([1.0]) | RunInference(handler, model_load_backoff_secs=0.0)
+    attempts = [line for line in record.read_text().splitlines() if line.startswith("attempt")]
+    assert set(attempts) == {"attempt 1"}, attempts
+
+
+class UnsureFileSystem(FileSystem):
+    """A Beam file system (scheme ``unsure-fs``) whose files hold no model and whose
+    ``exists`` fails, as a store behind a flaky metadata server does."""
+
+    @classmethod
+    def scheme(cls) -> str:
+        return "unsure-fs"
+
+    def open(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        return io.BytesIO(b"not a pickle")
+
+    def exists(self, path: str) -> bool:
+        raise ConnectionError("metadata server unreachable")
+
+    def _unused(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    join = split = mkdirs = has_dirs = _list = create = copy = rename = _unused
+    size = last_updated = metadata = delete = checksum = _unused
+
+
+def test_a_file_system_that_cannot_tell_whether_the_model_exists_is_surfaced(
+    tmp_path: Path,
+) -> None:
+    """The failed check is in the error, and the load is retried (the store may come back);
+    it was taken for "the file is there", which made the bytes read a corrupt model."""
+    uri = "unsure-fs://models/linear.pkl"
+    with pytest.raises(OSError, match="metadata server unreachable") as error:
+        SklearnModelHandlerNumpy(uri).load_model()
+    assert uri in str(error.value)
+    assert not isinstance(error.value, ModelLoadError)
+    record = tmp_path / "calls"
+    transform = RunInference(
+        AttemptedSklearn(uri, str(record)), model_load_retries=2, model_load_backoff_secs=0.0
+    )
+    with pytest.raises(Exception, match="could not be checked"), beam.Pipeline() as pipeline:
+        _ = pipeline | beam.Create([np.ones(3)]) | transform
+    assert "attempt 3" in record.read_text().splitlines()
 
 
 def test_out_of_memory_batches_are_split_for_any_handler(tmp_path: Path) -> None:

@@ -62,9 +62,64 @@ def test_patch_imports_no_framework_that_stock_beam_does_not(pipeline_import: st
         }}))
         """
     )
+    assert patched["after_patch"] == []  # patch() itself imports no framework
     assert patched["loaded"] == stock["loaded"]
     assert "tensorflow" not in patched["loaded"]  # type: ignore[operator]
     assert patched["ours"].startswith("beam_turbo.")  # type: ignore[attr-defined]
+    assert patched["run_inference"] is True
+
+
+def test_patch_covers_tensorflow_handlers_imported_after_it() -> None:
+    """A TensorFlow pipeline that imports Beam's handler module after ``patch()`` (which
+    itself loads no framework) gets beam-turbo's two handlers, and the patched handler gives
+    the model's results in a pipeline. The imports are a TensorFlow pipeline's: Beam's
+    inference base imports torch before the handler module imports TensorFlow, an order that
+    does not abort. (One interpreter, not a stock one beside it: TensorFlow's import is most
+    of this test's time.)"""
+    imports = textwrap.dedent(
+        f"""
+        import json, sys
+        import beam_turbo
+        beam_turbo.patch()
+        after_patch = {_LOADED}
+        from apache_beam.ml.inference.base import RunInference
+        from apache_beam.ml.inference.tensorflow_inference import (
+            TFModelHandlerNumpy as N,
+            TFModelHandlerTensor as T,
+        )
+        """
+    )
+    pipeline = textwrap.dedent(
+        f"""
+        import apache_beam as beam
+        import numpy as np
+        import tensorflow as tf
+        from apache_beam.testing.util import assert_that, equal_to
+
+        class Doubling(N):
+            def load_model(self):
+                return lambda x: tf.convert_to_tensor(x) * 2
+
+        with beam.Pipeline() as pipeline:
+            out = (
+                pipeline
+                | beam.Create([np.array([1.0, 2.0]), np.array([3.0, 4.0])])
+                | RunInference(Doubling("unused"))
+                | beam.Map(lambda r: r.inference.numpy().tolist())
+            )
+            assert_that(out, equal_to([[2.0, 4.0], [6.0, 8.0]]))
+        print(json.dumps({{
+            "after_patch": after_patch,
+            "loaded": {_LOADED},
+            "ours": [N.__module__, T.__module__],
+            "run_inference": RunInference is beam_turbo.RunInference,
+        }}))
+        """
+    )
+    patched = _run(imports + pipeline)
+    assert patched["after_patch"] == []
+    assert "tensorflow" in patched["loaded"]  # type: ignore[operator]
+    assert patched["ours"] == ["beam_turbo.tensorflow"] * 2
     assert patched["run_inference"] is True
 
 

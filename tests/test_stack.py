@@ -126,7 +126,12 @@ def test_buffer_protocol_and_array_interface_objects() -> None:
 
     values = [np.arange(6, dtype=np.int32) * i for i in range(3)]
     assert np.array_equal(beam_turbo.stack([Exporter(v) for v in values]), np.stack(values))
-    assert beam_turbo.stack([bytearray(b"abc"), b"xyz"]).tolist() == [[97, 98, 99], [120, 121, 122]]
+    raw = [bytearray(b"abc"), memoryview(b"xyz")]
+    assert beam_turbo.stack(raw).tolist() == [[97, 98, 99], [120, 121, 122]]
+    # bytes are one string each to numpy (dtype S3), though they expose a buffer: as numpy.
+    strings = beam_turbo.stack([b"abc", b"xyz"])
+    assert strings.dtype == np.dtype("S3")
+    assert strings.tolist() == [b"abc", b"xyz"]
     views = [memoryview(v.data) for v in values]
     assert beam_turbo.stack(views).tolist() == np.stack(values).tolist()
 

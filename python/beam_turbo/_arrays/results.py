@@ -9,6 +9,8 @@ from typing import Any
 
 from apache_beam.ml.inference.base import PredictionResult
 
+from beam_turbo.errors import InvalidInputError
+
 __all__ = ["prediction_results", "rows"]
 
 _new_tuple = tuple.__new__
@@ -22,8 +24,10 @@ def prediction_results(
     A torch tensor is split with ``unbind`` and an eager TensorFlow tensor with ``tf.unstack``
     (Beam iterates TensorFlow tensors row by row, at about 250 us a row); numpy arrays and
     other iterables are iterated as Beam does. The results are the same objects Beam makes:
-    one ``PredictionResult(example, inference, model_id)`` per pair, the shorter side deciding
-    how many, and a dict of batched outputs becomes one dict per example.
+    one ``PredictionResult(example, inference, model_id)`` per pair, and a dict of batched
+    outputs becomes one dict per example. Unlike Beam, which pairs them up to the shorter side
+    and drops the rest, a model that returns more or fewer rows than the batch is an error
+    (:class:`~beam_turbo.errors.InvalidInputError`), so that no element is lost silently.
 
     Example:
         >>> import numpy as np
@@ -52,6 +56,14 @@ def rows(batched: Any) -> Any:
 
 
 def _results(examples: Sequence[Any], rows: Any, model_id: str | None) -> list[PredictionResult]:
+    if not hasattr(rows, "__len__"):
+        rows = list(rows)  # a generator: counted before pairing
+    if len(rows) != len(examples):
+        raise InvalidInputError(
+            f"the model returned {len(rows)} predictions for a batch of {len(examples)} "
+            "elements; it must return one per element (Beam pairs them up to the shorter "
+            "and drops the rest)"
+        )
     # PredictionResult is a NamedTuple: building it through tuple.__new__ skips the Python-level
     # __new__ and costs about a fifth as much per element.
     return list(map(_new_tuple, repeat(PredictionResult), zip(examples, rows, repeat(model_id))))

@@ -127,6 +127,9 @@ def _converter_for(obj: Any, index: int) -> tuple[Converter, bool]:
     if getattr(obj, "__array_interface__", None) is not None:
         # Set on the instance, an interface says nothing of other objects of the type.
         return _from_interface, hasattr(kind, "__array_interface__")
+    if isinstance(obj, bytes):
+        # numpy, and so Beam's numpy.stack, reads bytes as one string (dtype S), not as uint8.
+        return (lambda o, i: np.asarray(o)), True
     try:
         memoryview(obj)
     except TypeError:

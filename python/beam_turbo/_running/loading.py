@@ -59,9 +59,23 @@ def loading_model(
     except ModelLoadError:
         raise
     except Exception as error:
-        if isinstance(error, FileNotFoundError) or (path and not _exists(path, *also)):
+        try:
+            missing = isinstance(error, FileNotFoundError) or bool(
+                path and not _exists(path, *also)
+            )
+        except Exception as check:  # a file system that cannot tell: an OSError, retried
+            raise OSError(
+                f"{what} file {path} could not be loaded ({type(error).__name__}: {error}), "
+                f"and whether it exists could not be checked ({type(check).__name__}: {check})"
+            ) from error
+        if missing:
             # The message holds the cause's words: one traceback, not two chained.
             raise ModelNotFoundError(f"{what} file {path} does not exist ({error})") from None
+        if isinstance(error, ImportError):
+            raise ModelLoadError(
+                f"{what} file {path} needs the module {error.name!r}, which this worker cannot "
+                f"import: install it where the pipeline runs ({error})"
+            ) from error
         if isinstance(error, _DESERIALIZE_ERRORS):
             raise ModelLoadError(f"{what} file {path} could not be loaded: {error}") from error
         raise
@@ -69,18 +83,24 @@ def loading_model(
 
 def _exists(*paths: str) -> bool:
     """Whether any of ``paths`` exists; True for a scheme no Beam file system knows (a hub
-    handle), which only its loader can judge."""
-    try:
-        return any(FileSystems.exists(p) for p in paths)
-    except Exception:
-        return True
+    handle), which only its loader can judge. A file system whose check fails raises."""
+    for p in paths:
+        try:
+            filesystem = FileSystems.get_filesystem(p)
+        except ValueError:  # no Beam file system for the scheme
+            return True
+        if filesystem.exists(p):
+            return True
+    return False
 
 
-#: Errors that retrying a load cannot fix: the file is not there, or is not a model.
+#: Errors that retrying a load cannot fix: the file is not there, or is not a model, or
+#: needs a module this process cannot import.
 _PERMANENT_LOAD_ERRORS: tuple[type[BaseException], ...] = (
     ModelLoadError,
     FileNotFoundError,
     pickle.UnpicklingError,
+    ImportError,
 )
 
 

@@ -252,18 +252,12 @@ class TorchInference:
             )
 
         def run(part: Sequence[Mapping[str, torch.Tensor]]) -> list[PredictionResult]:
-            keys = list(part[0])
+            columns = _keyed_columns(part)
             with self._modes():
-                inputs = {}
-                for key in keys:
-                    try:
-                        column = [example[key] for example in part]
-                    except KeyError as error:
-                        raise InvalidInputError(
-                            f"an element has no key {error}; every element needs the keys of "
-                            f"element 0: {keys}"
-                        ) from error
-                    inputs[key] = self._staging.to_device(column, self._device)
+                inputs = {
+                    key: self._staging.to_device(column, self._device)
+                    for key, column in columns.items()
+                }
                 predictions = model(**inputs, **args)
             self._byte_sizes.remember(part, sum(int(t.nbytes) for t in inputs.values()))
             return prediction_results(part, predictions, model_id)
@@ -330,3 +324,36 @@ def _nbytes_of(batch: Sequence[Any]) -> int:
         else:
             total += int(element.nbytes)
     return total
+
+
+def _keyed_columns(batch: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Each key's tensors in element order; every element must be a dict of element 0's keys.
+
+    Beam stacks whatever tensors each key has, so an element with a key more or less than the
+    others shifts that key's rows onto other elements: here it is an error naming the element.
+    """
+    failure: Exception | None = None
+    if all(issubclass(kind, Mapping) for kind in set(map(type, batch))):
+        try:
+            keys = list(batch[0].keys())
+            columns = {key: [example[key] for example in batch] for key in keys}
+            if set(map(len, batch)) == {len(keys)}:
+                return columns
+        except KeyError as error:
+            failure = error  # the element is named below, off the common path
+    for index, example in enumerate(batch):
+        if not isinstance(example, Mapping):
+            # AttributeError, as Beam's handler raises (it calls the element's .items()).
+            raise AttributeError(
+                f"element {index} is {type(example).__name__}, not a dict of tensors: "
+                "a keyed handler takes dicts of input name to tensor"
+            )
+    expected = list(batch[0])
+    for index, example in enumerate(batch):
+        if set(example) != set(expected):
+            raise InvalidInputError(
+                f"element {index} has keys {sorted(example)}, element 0 has {sorted(expected)}: "
+                "every element of a batch needs the same keys"
+            )
+    assert failure is not None  # dicts of one key set always give columns
+    raise failure

@@ -3,6 +3,9 @@
 Each case times the work Beam's inference DoFn asks of a handler (``run_inference`` consumed
 into per-element results, plus ``get_num_bytes``) for Beam's handler and ours on the same model
 and batch, with the bare model's own time (stack, call, unbatch) beside them.
+
+Ours must give Beam's results (one per element, the same example, an inference of the same
+dtype, shape and values): the run exits 1 when a case differs. Speed never fails it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +42,27 @@ def drive(handler: Any, model: Any, batch: list[Any]) -> Callable[[], object]:
         return results, handler.get_num_bytes(batch)
 
     return call
+
+
+def difference(case: Case, beam_model: Any, our_model: Any) -> str | None:
+    """How our handler's results differ from Beam's on the case's batch, or None."""
+    theirs = list(case.beam.run_inference(case.batch, beam_model))
+    mine = list(case.ours.run_inference(case.batch, our_model))
+    if len(mine) != len(theirs):
+        return f"{len(mine)} results, Beam gives {len(theirs)}"
+    for index, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        got, want = np.asarray(a.inference), np.asarray(b.inference)
+        if a.example is not b.example:
+            return f"result {index} is for another example"
+        if got.dtype != want.dtype or got.shape != want.shape:
+            mine_kind, beams_kind = (
+                f"{got.dtype}{list(got.shape)}",
+                f"{want.dtype}{list(want.shape)}",
+            )
+            return f"result {index} is {mine_kind}, Beam's {beams_kind}"
+        if not np.array_equal(got, want):
+            return f"result {index} is {got.tolist()}, Beam's {want.tolist()}"
+    return None
 
 
 def sklearn_case(folder: str) -> Case:
@@ -150,6 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     rounds, secs = (3, 0.05) if args.quick else (5, 0.3)
     rows = []
+    wrong = []
     with tempfile.TemporaryDirectory() as folder:
         cases: list[Case] = []
         if args.framework in ("all", "sklearn"):
@@ -159,15 +185,15 @@ def run(args: argparse.Namespace) -> int:
         if args.framework in ("all", "tensorflow"):
             cases.append(tensorflow_case(folder))
         for case in cases:
+            beam_model, our_model = case.beam.load_model(), case.ours.load_model()
+            found = difference(case, beam_model, our_model)
+            if found is not None:
+                wrong.append(f"{case.name}: {found}")
             beam = measure(
-                drive(case.beam, case.beam.load_model(), case.batch),
-                rounds=rounds,
-                min_round_secs=secs,
+                drive(case.beam, beam_model, case.batch), rounds=rounds, min_round_secs=secs
             )
             ours = measure(
-                drive(case.ours, case.ours.load_model(), case.batch),
-                rounds=rounds,
-                min_round_secs=secs,
+                drive(case.ours, our_model, case.batch), rounds=rounds, min_round_secs=secs
             )
             bare = measure(case.bare, rounds=rounds, min_round_secs=secs)
             ratio = beam.best / ours.best
@@ -186,4 +212,6 @@ def run(args: argparse.Namespace) -> int:
         f"handlers per batch of {BATCH}: run_inference consumed + get_num_bytes (best of rounds)\n"
     )
     print_table(["model", "Beam", "beam-turbo", "bare model", "speed-up", "goal", "met"], rows)
-    return 0
+    for line in wrong:
+        print(f"WRONG RESULT: {line}", file=sys.stderr)
+    return 1 if wrong else 0

@@ -1,11 +1,17 @@
-"""stacking: beam_turbo.stack against numpy and torch, as ratios measured in one run."""
+"""stacking: beam_turbo.stack against numpy and torch, as ratios measured in one run.
+
+Every case's batch is also checked against the reference (numpy's or torch's, byte for byte):
+the run exits 1 when one differs. Speed never fails it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import resource
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +28,26 @@ class Case:
     theirs_name: str
     theirs: Callable[[], object]
     goal: float
+    #: The batch ``ours`` must give; ``theirs``' result when None.
+    expected: Callable[[], object] | None = None
+
+    def difference(self) -> str | None:
+        """How ``ours`` differs from the expected batch, or None."""
+        return _difference(self.ours(), (self.expected or self.theirs)())
+
+
+def _difference(got: Any, want: Any) -> str | None:
+    if isinstance(want, tuple):
+        if not isinstance(got, tuple) or len(got) != len(want):
+            return f"got {type(got).__name__}, expected a tuple of {len(want)}"
+        found = [_difference(g, w) for g, w in zip(got, want, strict=True)]
+        return next((f for f in found if f is not None), None)
+    got, want = np.asarray(got), np.asarray(want)
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return f"got {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
+    if got.tobytes() != want.tobytes():
+        return f"the values differ at {int(np.argmax(got.ravel() != want.ravel()))} (flat index)"
+    return None
 
 
 def small_arrays(n: int = 1000, size: int = 16) -> list[np.ndarray]:
@@ -69,6 +95,7 @@ def cases(quick: bool) -> list[Case]:
             "numpy.copyto (1 thread, touched)",
             lambda: np.copyto(touched, img_bytes),
             0.85,
+            lambda: img_bytes,
         ),
         Case(
             f"{len(img)} x float32[224,224,3]",
@@ -83,6 +110,7 @@ def cases(quick: bool) -> list[Case]:
             "numpy.pad loop + stack",
             lambda: numpy_pad_and_stack(tok),
             5.0,
+            lambda: (numpy_pad_and_stack(tok), np.array([[len(t)] for t in tok], np.int64)),
         ),
     ]
     try:
@@ -133,7 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     rounds, secs = (3, 0.02) if args.quick else (7, 0.1)
     rows = []
+    wrong = []
     for case in cases(args.quick):
+        difference = case.difference()
+        if difference is not None:
+            wrong.append(f"{case.name} against {case.theirs_name}: {difference}")
         ours = measure(case.ours, rounds=rounds, min_round_secs=secs)
         theirs = measure(case.theirs, rounds=rounds, min_round_secs=secs)
         ratio = theirs.best / ours.best
@@ -154,4 +186,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"\npeak resident memory: {before:.1f} MiB after warm-up, {after:.1f} MiB after the calls"
     )
-    return 0
+    for line in wrong:
+        print(f"WRONG RESULT: {line}", file=sys.stderr)
+    return 1 if wrong else 0

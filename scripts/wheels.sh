@@ -55,11 +55,14 @@ sdist() {
     own=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     base=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     echo "import site; site.addsitedir('$base')" >"$own/zz_project_venv.pth"
-    # pip builds in an isolated environment with maturin from PyPI, as for a user; the crates'
-    # build outputs stay in target/sdist-build between runs (the compile is the same). Its
-    # dependencies are .venv's (--no-deps); --force-reinstall, as .venv's own beam-turbo is
-    # visible too (pip leaves that one alone: it is outside this venv).
-    CARGO_TARGET_DIR=$ROOT/target/sdist-build "${PIP[@]}" --python "$venv/bin/python" install \
+    # pip builds in an isolated environment with maturin from PyPI, as for a user. What this
+    # checks is that the sdist holds what a build needs, not the optimized binary (the release
+    # wheel is checked elsewhere): no fat LTO, parallel codegen (a minute less), and the crates'
+    # build outputs kept in target/sdist-build between runs. Its dependencies are .venv's
+    # (--no-deps); --force-reinstall, as .venv's own beam-turbo is visible too (pip leaves that
+    # one alone: it is outside this venv).
+    CARGO_TARGET_DIR=$ROOT/target/sdist-build CARGO_PROFILE_RELEASE_LTO=off \
+        CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 "${PIP[@]}" --python "$venv/bin/python" install \
         --quiet --no-deps --force-reinstall "$archive"
     step "the sdist's install: import and one pipeline (scripts/wheel_smoke.py sdist)"
     # From outside the checkout, so that python/beam_turbo cannot shadow the install.

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A real Flink or Spark cluster on loopback for Beam's portable runners, and its teardown.
 #
-#   scripts/cluster.sh install        fetch and build everything under .cluster/ (idempotent)
+#   scripts/cluster.sh install        fetch and build everything under .cluster/ (idempotent);
+#                                     BEAM_TURBO_WHEEL=PATH installs that beam-turbo wheel
+#                                     instead of building one
 #   scripts/cluster.sh start flink    JobManager + 2 TaskManagers, Beam's Flink job server,
 #                                     and the SDK worker pool
 #   scripts/cluster.sh start spark    Spark master + 2 workers, Beam's Spark job server,
@@ -110,11 +112,16 @@ PYEOF
 }
 
 install_worker_venv() {
-    local wheel
-    say "beam-turbo wheel (maturin build --release)"
-    mkdir -p "$C/wheels"
-    (cd "$ROOT" && PATH="$PROJECT_VENV/bin:$PATH" maturin build --quiet --release --out "$C/wheels" >&2)
-    wheel=$(ls -t "$C"/wheels/beam_turbo-*.whl | head -1)
+    local wheel=${BEAM_TURBO_WHEEL:-}
+    if [ -n "$wheel" ]; then
+        [ -f "$wheel" ] || die "BEAM_TURBO_WHEEL=$wheel: no such file"
+        say "beam-turbo wheel: $wheel (BEAM_TURBO_WHEEL)"
+    else
+        say "beam-turbo wheel (maturin build --release)"
+        mkdir -p "$C/wheels"
+        (cd "$ROOT" && PATH="$PROJECT_VENV/bin:$PATH" maturin build --quiet --release --out "$C/wheels" >&2)
+        wheel=$(ls -t "$C"/wheels/beam_turbo-*.whl | head -1)
+    fi
     if [ ! -x "$WORKER_VENV/bin/python" ]; then
         say "SDK worker venv at $WORKER_VENV"
         "$PY" -m venv "$WORKER_VENV"

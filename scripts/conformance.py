@@ -8,13 +8,20 @@ after, is beam-turbo's). Runs pytest on the copy twice, with junit reports, and 
 - every test passes on stock Beam (the harness itself is sound), and
 - every test that fails with beam-turbo is listed in the README's differences table.
 
-Usage: ``.venv/bin/python scripts/conformance.py [--workdir DIR] [-k EXPR]``; the exit status
-is 0 only when both hold. The last line is pytest's closing line for the turbo run.
+The stock run's outcomes depend only on the Python, its installed packages (Beam's release among
+them), the copied test files, this harness and pytest's arguments: its report is cached under
+``target/conformance-cache`` keyed by a hash of those, and reused while they are unchanged (a
+report with a failure is not cached, so a flaky failure is not kept; ``--no-cache`` runs it).
+
+Usage: ``.venv/bin/python scripts/conformance.py [--workdir DIR] [--no-cache] [-k EXPR]``; the
+exit status is 0 only when both hold. The last line is pytest's closing line for the turbo run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import os
 import re
 import shutil
@@ -27,6 +34,7 @@ import apache_beam
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+STOCK_CACHE = ROOT / "target" / "conformance-cache"
 
 #: Beam's test files (relative to the installed apache_beam) and the test classes to run in
 #: each (empty: all).
@@ -108,6 +116,11 @@ def run(workdir: Path, selection: list[str], mode: str, extra: list[str]) -> dic
     )
     if not report.exists():
         raise SystemExit(f"conformance: pytest wrote no report for the {mode} run")
+    return outcomes_in(report)
+
+
+def outcomes_in(report: Path) -> dict[str, str]:
+    """A junit report's outcomes: test id -> 'passed', 'failed' or 'skipped'."""
     outcomes = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         module, *classes = case.get("classname", "").split(".")
@@ -122,10 +135,41 @@ def run(workdir: Path, selection: list[str], mode: str, extra: list[str]) -> dic
     return outcomes
 
 
+def stock_key(workdir: Path, selection: list[str], extra: list[str]) -> str:
+    """A hash of what the stock run's outcomes depend on (the copied files, before any run)."""
+    digest = hashlib.sha256(sys.version.encode())
+    installed = sorted(
+        f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+    )
+    digest.update("\n".join(installed).encode())
+    digest.update(Path(__file__).read_bytes())
+    for path in sorted([*workdir.glob("*.py"), workdir / "pytest.ini"]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update("\0".join([*selection, "--", *extra]).encode())
+    return digest.hexdigest()[:20]
+
+
+def run_stock(workdir: Path, selection: list[str], extra: list[str], cache: bool) -> dict[str, str]:
+    """The stock run's outcomes: its cached report while what it depends on is unchanged."""
+    cached = (
+        STOCK_CACHE / f"stock-{apache_beam.__version__}-{stock_key(workdir, selection, extra)}.xml"
+    )
+    if cache and cached.exists():
+        print(f"\n=== Beam {apache_beam.__version__}'s tests, stock: cached ({cached})", flush=True)
+        shutil.copyfile(cached, workdir / "stock.xml")
+        return outcomes_in(cached)
+    outcomes = run(workdir, selection, "stock", extra)
+    if outcomes and "failed" not in outcomes.values():
+        STOCK_CACHE.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(workdir / "stock.xml", cached)
+    return outcomes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=ROOT / "target" / "conformance")
     parser.add_argument("--turbo-only", action="store_true", help="skip the stock run")
+    parser.add_argument("--no-cache", action="store_true", help="run stock even if cached")
     parser.add_argument("pytest_args", nargs="*", help="more arguments for pytest (e.g. -k)")
     options = parser.parse_args()
     options.workdir = options.workdir.resolve()  # pytest runs inside it
@@ -133,7 +177,7 @@ def main() -> int:
     listed = listed_differences()
     problems = []
     if not options.turbo_only:
-        stock = run(options.workdir, selection, "stock", options.pytest_args)
+        stock = run_stock(options.workdir, selection, options.pytest_args, not options.no_cache)
         broken = sorted(t for t, outcome in stock.items() if outcome == "failed")
         problems += [f"fails on stock Beam (the harness is wrong): {t}" for t in broken]
     turbo = run(options.workdir, selection, "turbo", options.pytest_args)

@@ -1,9 +1,8 @@
 """The real-model benchmarks (``--framework minilm|mobilenet``): their data, their arithmetic and
-their tables here; both demos end to end, on tiny sizes, in the slow tests."""
+their tables here; MobileNetV2's demo and MiniLM's quick benchmark end to end, on tiny sizes, in
+the slow tests."""
 
 from __future__ import annotations
-
-import argparse
 
 import numpy as np
 import pytest
@@ -123,16 +122,29 @@ def test_every_word_is_one_token_so_lengths_are_as_drawn() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("framework", "unit"), [("minilm", "sentences"), ("mobilenet", "images")])
 def test_the_demo_runs_stock_and_turbo_and_their_outputs_agree(
-    capsys: pytest.CaptureFixture[str], framework: str, unit: str
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from beam_turbo.bench import demo
+    """MobileNetV2's demo, through the command line; its benchmark runs the same variants, and
+    MiniLM's (below) the same code with more variants."""
+    from beam_turbo.cli import main
 
-    args = demo.add_arguments(argparse.ArgumentParser()).parse_args(
-        ["--framework", framework, "--elements", "48", "--check", "16", "--rounds", "1"]
-    )
-    assert demo.run(args) == 0
+    argv = ["--framework", "mobilenet", "--elements", "48", "--check", "16", "--rounds", "1"]
+    assert main(["demo", *argv]) == 0
     out = capsys.readouterr().out
-    assert f"turbo: the same for all 16 {unit}" in out
+    assert "turbo: the same for all 16 images" in out
     assert "speed-up:" in out
+
+
+@pytest.mark.slow
+def test_the_quick_benchmark_runs_every_variant_and_their_outputs_agree(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``bench e2e --framework minilm --quick``, as CI ran it as a smoke run: all three
+    variants (stock-pad too, which the demo leaves out), outputs compared with stock-1's."""
+    from beam_turbo.cli import main
+
+    assert main(["bench", "e2e", "--framework", "minilm", "--quick"]) == 0
+    out = capsys.readouterr().out
+    for variant in ("stock-pad", "turbo"):
+        assert f"{variant}: the same for all 16 sentences" in out

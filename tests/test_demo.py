@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
 
-from beam_turbo.bench import demo, e2e
+from beam_turbo.bench import e2e
+from beam_turbo.cli import main
 
 
 @pytest.mark.parametrize(("check", "checked"), [(3_000, 4_000), (1, 2_000)])
@@ -15,11 +15,9 @@ def test_the_demo_checks_whole_chunks_of_predictions(
     capsys: pytest.CaptureFixture[str], check: int, checked: int
 ) -> None:
     """A --check that is not a whole number of generated chunks is rounded up to one (it
-    used to count the elements written against the number asked, and report DIFFERENT)."""
-    args = demo.add_arguments(argparse.ArgumentParser()).parse_args(
-        ["--elements", "100000", "--check", str(check), "--rounds", "1"]
-    )
-    assert demo.run(args) == 0
+    used to count the elements written against the number asked, and report DIFFERENT). Through
+    the command line, as a user runs it (CI runs no separate demo)."""
+    assert main(["demo", "--elements", "100000", "--check", str(check), "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert f"predictions: the same for all {checked:,} elements checked (exactly)" in out
     assert "speed-up:" in out
@@ -50,3 +48,15 @@ def test_bench_e2e_reads_batch_sizes_from_the_workers_and_grows_short_runs(
     _, large = e2e.per_element_secs(framework, "floor", 2_000, 6_000, 1, (), min_work_secs=1.0)
     assert 6_000 < large <= e2e.MAX_LARGE
     assert large % e2e.CHUNK == 0
+
+
+def test_a_large_run_faster_than_the_small_one_is_noise_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a minimum of work (the demo's case), a large run that a loaded machine makes
+    faster than the small one ends the round; it used to divide zero by zero."""
+    times = iter([2.0, 1.5])
+    monkeypatch.setattr(e2e, "run_pipeline", lambda *args, **kwargs: next(times))
+    per_element, large = e2e.per_element_secs(None, "stock", 2_000, 6_000, 1)  # type: ignore[arg-type]
+    assert large == 6_000
+    assert 0 < per_element < 1e-9

@@ -10,8 +10,9 @@ after, is beam-turbo's). Runs pytest on the copy twice, with junit reports, and 
 
 The stock run's outcomes depend only on the Python, its installed packages (Beam's release among
 them), the copied test files, this harness and pytest's arguments: its report is cached under
-``target/conformance-cache`` keyed by a hash of those, and reused while they are unchanged (a
-report with a failure is not cached, so a flaky failure is not kept; ``--no-cache`` runs it).
+``~/.cache/beam-turbo/conformance`` (``$XDG_CACHE_HOME``) keyed by a hash of those, and reused
+while they are unchanged (a report with a failure is not cached, so a flaky failure is not
+kept; ``--no-cache`` runs it).
 
 Usage: ``.venv/bin/python scripts/conformance.py [--workdir DIR] [--no-cache] [-k EXPR]``; the
 exit status is 0 only when both hold. The last line is pytest's closing line for the turbo run.
@@ -34,7 +35,11 @@ import apache_beam
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-STOCK_CACHE = ROOT / "target" / "conformance-cache"
+# Outside the checkout, as pip's cache is: a clean checkout (CI's) reuses what an earlier run on
+# this machine computed from the same inputs.
+STOCK_CACHE = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "beam-turbo" / "conformance"
+)
 
 #: Beam's test files (relative to the installed apache_beam) and the test classes to run in
 #: each (empty: all).

@@ -10,13 +10,13 @@
 # aarch64  a manylinux aarch64 wheel cross-built with maturin --zig (Graviton, Dataflow's Arm
 #          workers), then, under qemu's user-mode emulation: the core's Rust tests (cargo test
 #          --target aarch64-unknown-linux-gnu), and the wheel in an arm64 Debian Python (a
-#          debootstrap'ed bookworm under target/arm64, numpy and pytest from PyPI's aarch64
+#          debootstrap'ed bookworm under ~/.cache/beam-turbo/arm64, numpy and pytest from PyPI's aarch64
 #          wheels): scripts/wheel_smoke.py stack and tests/test_stack.py.
 #
 # Installs what it needs: the Rust std for aarch64 (rustup), ziglang (PyPI, into a venv of its
 # own), and Debian's qemu-user-static, gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and
-# debootstrap (apt-get, as root). The arm64 root and the tools are kept under target/ between
-# runs. Run scripts/setup.sh first.
+# debootstrap (apt-get, as root). The arm64 root and the tools are kept in
+# ~/.cache/beam-turbo between runs. Run scripts/setup.sh first.
 # Usage: scripts/wheels.sh [sdist|aarch64]...   (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,10 @@ PY=$ROOT/.venv/bin/python
 PIP=("$PY" -m pip --disable-pip-version-check)
 TARGET=aarch64-unknown-linux-gnu
 SUITE=bookworm  # Beam's SDK containers' Debian; its python3 is 3.11, the wheel's abi3 floor
-ARM64=$ROOT/target/arm64
+# The arm64 root and the tools are kept outside the checkout, as pip's cache is, so that a clean
+# checkout (CI's) reuses them.
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/beam-turbo
+ARM64=$CACHE/arm64
 
 step() { printf '\n=== wheels: %s (at %d s)\n' "$*" "$SECONDS"; }
 die() { printf 'wheels: error: %s\n' "$*" >&2; exit 1; }
@@ -77,12 +80,12 @@ aarch64_tools() {
     apt_install qemu-aarch64-static qemu-user-static
     apt_install aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu libc6-dev-arm64-cross
     apt_install debootstrap debootstrap
-    if [ ! -x target/wheel-tools/bin/python ] ||
-        ! target/wheel-tools/bin/python -m ziglang version >/dev/null 2>&1; then
+    if [ ! -x "$CACHE"/wheel-tools/bin/python ] ||
+        ! "$CACHE"/wheel-tools/bin/python -m ziglang version >/dev/null 2>&1; then
         step "ziglang (PyPI) for maturin --zig"
-        rm -rf target/wheel-tools
-        "$PY" -m venv target/wheel-tools
-        target/wheel-tools/bin/python -m pip install --quiet --disable-pip-version-check ziglang
+        rm -rf "$CACHE"/wheel-tools
+        "$PY" -m venv "$CACHE"/wheel-tools
+        "$CACHE"/wheel-tools/bin/python -m pip install --quiet --disable-pip-version-check ziglang
     fi
 }
 
@@ -112,7 +115,7 @@ aarch64() {
     aarch64_tools
     step "manylinux aarch64 wheel (maturin build --release --zig --target $TARGET)"
     rm -rf target/wheels-aarch64
-    PATH="$ROOT/target/wheel-tools/bin:$ROOT/.venv/bin:$PATH" maturin build --quiet --release \
+    PATH="$CACHE/wheel-tools/bin:$ROOT/.venv/bin:$PATH" maturin build --quiet --release \
         --zig --target "$TARGET" --out target/wheels-aarch64
     local wheel
     wheel=$(ls "$ROOT"/target/wheels-aarch64/beam_turbo-*.whl)

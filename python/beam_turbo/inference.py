@@ -38,12 +38,15 @@ from beam_turbo._running.tables import check_scores_tables
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
-__all__ = ["TABLE_MAX_BATCH_ROWS", "RunInference"]
+__all__ = ["TABLE_MAX_BATCH_ROWS", "TABLE_MIN_BATCH_ROWS", "RunInference"]
 
 #: The largest batch of rows ``with_tables()`` gathers unless the handler sets
 #: ``max_batch_size``: a model's rows are smaller than the elements Beam's default (10,000)
 #: is for.
 TABLE_MAX_BATCH_ROWS = 1 << 16
+#: The smallest, unless the handler sets ``min_batch_size`` (a bundle's or window's end still
+#: closes a batch short of it).
+TABLE_MIN_BATCH_ROWS = 1 << 10
 
 _LOG = logging.getLogger(__name__)
 
@@ -248,8 +251,12 @@ class RunInference(base.RunInference):
         handler = self._model_handler
         batching_args = dict(handler.batch_elements_kwargs())
         if self._tables is not None:
-            # Rows: a batch of a model's rows is larger than one of its elements.
+            # Rows: a batch of a model's rows is larger than one of its elements, and the sizer
+            # need not climb from one row.
             batching_args.setdefault("max_batch_size", TABLE_MAX_BATCH_ROWS)
+            batching_args.setdefault(
+                "min_batch_size", min(TABLE_MIN_BATCH_ROWS, batching_args["max_batch_size"])
+            )
             if "max_batch_duration_secs" in batching_args or "length_fn" in batching_args:
                 raise InvalidInputError(
                     "with_tables() does not batch across bundles (max_batch_duration_secs) "

@@ -253,7 +253,10 @@ class FusedInferenceDoFn(beam.DoFn):
 def unkeyed_length(length_fn: Callable[[Any], float], handler: Any) -> Callable[[Any], float]:
     """The inner handler's ``batch_length_fn`` for the elements the fused DoFn sees: a
     ``KeyedModelHandler`` passes its inner handler's batching arguments on, but gets
-    ``(key, example)`` pairs; a ``MaybeKeyedModelHandler`` gets either."""
+    ``(key, example)`` pairs; a ``MaybeKeyedModelHandler`` gets either. From Beam 2.78 they
+    pass it on already applying to the example: then it is used as it is."""
+    if internals.applies_to_example(length_fn):
+        return length_fn
     if isinstance(handler, base.KeyedModelHandler):
         return lambda element: length_fn(element[1])
     if isinstance(handler, base.MaybeKeyedModelHandler):

@@ -22,8 +22,9 @@ module runs but the packages ``importlib`` needs to find the files, and beam-tur
 imported on the other side, so its version gate does not matter). For an attribute set on
 ``self``, the "source" is every line of the Beam class that uses it, with its method. The
 report gives, per name: ``unchanged``, ``changed`` (the signature before and after where it
-moved, and a unified diff of the source), or ``missing``. Exit status 0 whatever changed;
-it is a reading aid, conformance (scripts/conformance.py) is the test.
+moved, and a unified diff of the source), ``new`` (in the other release only), or
+``missing``. Exit status 0 whatever changed: it is a reading aid; conformance
+(scripts/conformance.py) is the test.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ READ: list[tuple[str, str, str, str]] = [
         "_WindowAwareBatchingDoFn",
         "_MAX_LIVE_WINDOWS",
         "mirrored as MAX_LIVE_WINDOWS by the internals module",
+    ),
+    (
+        "apache_beam.ml.inference.base",
+        "_ApplyToExample",
+        "",
+        "looked for by the internals module's applies_to_example (Beam 2.78 and later)",
     ),
     *(
         (
@@ -290,8 +297,10 @@ def compare(
     changed, missing, unchanged = [], [], []
     for entry, before, after in zip(entries, ours, theirs, strict=True):
         label, why = _label(entry), entry[3]
-        if "missing" in before:
-            missing.append(f"missing in {dev} (the development Beam!) {label}: {before['missing']}")
+        if "missing" in before and "missing" in after:
+            missing.append(f"missing   {label} ({why}): in both: {after['missing']}")
+        elif "missing" in before:  # beam-turbo looks for it where Beam has it
+            changed.append(f"new       {label} ({why}): {after['signature']}")
         elif "missing" in after:
             missing.append(f"missing   {label} ({why}): {after['missing']}")
         elif before == after:

@@ -7,6 +7,8 @@
 # Usage: scripts/conformance.sh [2.75.0 2.76.0 ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# This checkout's beam-turbo, also where .venv's editable install names another checkout.
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 installed=$(.venv/bin/python -c "import apache_beam; print(apache_beam.__version__)")
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=("$installed")
@@ -17,6 +19,8 @@ for version in "${versions[@]}"; do
     else
         python=$(scripts/overlay.sh ".venv-beam-$version" "apache-beam==$version")
     fi
+    start=$SECONDS
     "$python" scripts/conformance.py --workdir "target/conformance-$version" || status=1
+    echo "conformance on Beam $version took $((SECONDS - start)) s"
 done
 exit $status

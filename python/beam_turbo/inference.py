@@ -16,6 +16,7 @@ deliberate differences from Beam in the README's table.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -305,11 +306,12 @@ class RunInference(base.RunInference):
                 sizing=sizing, action=action, rows=self._tables is not None, **pooled
             )
         pardo = beam.ParDo(fused).with_resource_hints(**handler.get_resource_hints())
-        if not self._with_exception_handling:
-            return batched | "BeamML_RunInference" >> pardo, None
-        outputs = batched | "BeamML_RunInference" >> pardo.with_outputs(
-            DEAD_LETTER_TAG, main=MAIN_TAG
-        )
+        with self._inference_step(pcoll.pipeline):
+            if not self._with_exception_handling:
+                return batched | "BeamML_RunInference" >> pardo, None
+            outputs = batched | "BeamML_RunInference" >> pardo.with_outputs(
+                DEAD_LETTER_TAG, main=MAIN_TAG
+            )
         bad_inference = outputs[DEAD_LETTER_TAG]
         if self._threshold < 1:
             check_threshold(pcoll, bad_inference, self._threshold)
@@ -356,18 +358,26 @@ class RunInference(base.RunInference):
         pardo = beam.ParDo(dofn, self._inference_args, side_input).with_resource_hints(
             **handler.get_resource_hints()
         )
-        if not self._with_exception_handling:
-            return batched | "BeamML_RunInference" >> pardo, None
-        results, bad_inference = batched | "BeamML_RunInference" >> (
-            pardo.with_exception_handling(
-                exc_class=self._exc_class,
-                use_subprocess=self._use_subprocess,
-                threshold=self._threshold,
-                timeout=self._timeout,
-                on_failure_callback=self._timeout_callback(),
+        with self._inference_step(pcoll.pipeline):
+            if not self._with_exception_handling:
+                return batched | "BeamML_RunInference" >> pardo, None
+            results, bad_inference = batched | "BeamML_RunInference" >> (
+                pardo.with_exception_handling(
+                    exc_class=self._exc_class,
+                    use_subprocess=self._use_subprocess,
+                    threshold=self._threshold,
+                    timeout=self._timeout,
+                    on_failure_callback=self._timeout_callback(),
+                )
             )
-        )
         return results, bad_inference
+
+    def _inference_step(self, pipeline: beam.Pipeline) -> Any:
+        """The context the inference step is applied in: Beam 2.78 annotates that step with
+        the model identifier (before, ``annotations()`` gave it to the whole transform)."""
+        if "model_identifier" in super().annotations():
+            return contextlib.nullcontext()
+        return pipeline.transform_annotations(model_identifier=self._model_tag)
 
     def _finish(self, results: Any, bad_inference: Any, bad_preprocessed: Any) -> Any:
         """Beam's tail of expand: the monitoring outlet, post-processing, the DLQ."""

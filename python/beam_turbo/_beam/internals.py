@@ -132,6 +132,15 @@ def inference_dofn_parts(dofn: Any) -> InferenceDoFnParts:
     return InferenceDoFnParts(dofn)
 
 
+def applies_to_example(fn: Any) -> bool:
+    """Whether ``fn`` is Beam's ``_ApplyToExample`` (2.78 and later): a keyed handler's
+    batching function that takes the ``(key, example)`` pair and applies to the example."""
+    from apache_beam.ml.inference import base
+
+    wrapper = getattr(base, "_ApplyToExample", None)
+    return wrapper is not None and isinstance(fn, wrapper)
+
+
 #: Beam's metric namespace and names for batching (``_BatchSizeEstimator``), kept identical
 #: so that dashboards built on stock Beam keep working.
 METRICS_NAMESPACE = "BatchElements"
@@ -173,6 +182,7 @@ __all__ = [
     "InferenceDoFnParts",
     "UnsupportedBeamVersionError",
     "WindowedValue",
+    "applies_to_example",
     "at_end_of_global_window",
     "check_beam_version",
     "inference_dofn_parts",

@@ -268,9 +268,12 @@ def by_length(length: Callable[[Any], float]) -> Cut:
 def unkeyed_length(length_fn: Callable[[Any], float], handler: Any) -> Callable[[Any], float]:
     """The inner handler's ``batch_length_fn`` for the elements ``RunInference`` gathers: a
     ``KeyedModelHandler`` passes its inner handler's batching arguments on, but gets
-    ``(key, example)`` pairs; a ``MaybeKeyedModelHandler`` gets either."""
+    ``(key, example)`` pairs; a ``MaybeKeyedModelHandler`` gets either. From Beam 2.78 they
+    pass it on already applying to the example: then it is used as it is."""
     from apache_beam.ml.inference import base  # imports torch where installed: on first use
 
+    if internals.applies_to_example(length_fn):
+        return length_fn
     if isinstance(handler, base.KeyedModelHandler):
         return lambda element: length_fn(element[1])
     if isinstance(handler, base.MaybeKeyedModelHandler):

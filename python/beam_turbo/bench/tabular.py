@@ -390,7 +390,7 @@ def _spark_session(scratch: str) -> Any:
     os.environ["TMPDIR"] = temp  # the Python workers' (they inherit it)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    java_options = f"-Djava.io.tmpdir={temp}"
+    java_options = f"-Djava.io.tmpdir={temp} -XX:-UsePerfData"  # no /tmp/hsperfdata_* file
     spark = (
         SparkSession.builder.master("local[2]")
         .appName("beam-turbo bench tabular")

@@ -27,4 +27,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "one RunInference pipeline with stock Beam and with beam-turbo, end to end (also "
         "real models: --framework minilm|mobilenet)",
     ),
+    "tabular": (
+        "beam_turbo.bench.tabular",
+        "scoring a table, Parquet in and out: stock Beam, patched, beam-turbo's columnar "
+        "RunInference, plain Beam, pyarrow alone and Spark, outputs checked by id",
+    ),
 }

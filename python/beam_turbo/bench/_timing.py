@@ -73,3 +73,22 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
         )
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def print_markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a Markdown table: the first column left-aligned, the others right-aligned.
+
+    Example:
+        >>> print_markdown_table(["name", "n"], [["a|b", 1]])
+        | name | n |
+        | --- | ---: |
+        | a\\|b | 1 |
+    """
+
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|")
+
+    print("| " + " | ".join(cell(h) for h in headers) + " |")
+    print("| " + " | ".join("---" if i == 0 else "---:" for i in range(len(headers))) + " |")
+    for row in rows:
+        print("| " + " | ".join(cell(c) for c in row) + " |")

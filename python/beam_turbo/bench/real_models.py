@@ -167,10 +167,18 @@ def compare(
 
 
 class Worker:
-    """A process that runs one variant's pipelines when asked (JSON lines over its pipes)."""
+    """A process that runs one variant's pipelines when asked (JSON lines over its pipes):
+    ``python -m module CONFIG``, where ``module`` serves them (this one's ``_serve``, or
+    another benchmark's, as :mod:`beam_turbo.bench.tabular`)."""
 
     def __init__(
-        self, framework: str, variant: str, spec: dict[str, Any], options: Sequence[str], log: str
+        self,
+        framework: str,
+        variant: str,
+        spec: dict[str, Any],
+        options: Sequence[str],
+        log: str,
+        module: str = __name__,
     ) -> None:
         import beam_turbo
 
@@ -184,7 +192,7 @@ class Worker:
         self._log_path = log
         self._log = open(log, "w")  # noqa: SIM115 -- closed in close()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", __name__, json.dumps(config)],
+            [sys.executable, "-m", module, json.dumps(config)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

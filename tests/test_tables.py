@@ -145,7 +145,7 @@ def test_a_torch_model_scores_tables(tmp_path: Path) -> None:
     def check(actual: list[tuple[int, list[float]]]) -> None:
         assert sorted(row_id for row_id, _ in actual) == sorted(want)
         for row_id, value in actual:
-            assert value == pytest.approx([want[row_id]], rel=1e-5, abs=1e-5)
+            assert value == pytest.approx(want[row_id], rel=1e-5, abs=1e-5)
 
     with beam.Pipeline() as p:
         results = (

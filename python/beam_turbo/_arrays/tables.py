@@ -167,6 +167,8 @@ class TableRows(Sequence[Any]):
     def with_predictions(self, predictions: Any, spec: TableSpec) -> Any:
         """One table of the pieces' kind: the kept columns of every row, and the prediction."""
         predictions = np.asarray(predictions, dtype=spec.prediction_dtype)
+        if predictions.ndim == 2 and predictions.shape[1] == 1:
+            predictions = predictions[:, 0]  # one output per row: a column of scalars
         if len(predictions) != self._length:
             raise InvalidInputError(
                 f"the model returned {len(predictions)} predictions for {self._length} rows: "

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import itertools
 import json
 import math
 import os
@@ -71,6 +72,10 @@ RTOL = ATOL = 1e-5
 # --- models -----------------------------------------------------------------------------------
 
 
+def _as_is(features: np.ndarray[Any, Any]) -> Any:
+    return features
+
+
 @dataclass(frozen=True)
 class TabularModel:
     """A model the bench can score tables with. Functions, not objects, so that a worker
@@ -85,6 +90,8 @@ class TabularModel:
     beam_handler: Callable[[str], Any]
     #: path -> beam-turbo's handler, for ``RunInference(...).with_tables``
     turbo_handler: Callable[[str], Any]
+    #: a row's features (float32[16]) -> the example Beam's handler takes
+    example: Callable[[np.ndarray[Any, Any]], Any] = _as_is
 
 
 def _fit_linear(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], folder: str) -> str:
@@ -115,6 +122,72 @@ def _sklearn_turbo_handler(path: str) -> Any:
     return SklearnModelHandlerNumpy(model_uri=path)
 
 
+def _fit_boosted(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], folder: str) -> str:
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    path = os.path.join(folder, "boosted.pkl")
+    with open(path, "wb") as f:
+        pickle.dump(HistGradientBoostingRegressor(max_iter=100, random_state=0).fit(x, y), f)
+    return path
+
+
+#: The torch MLP's layer widths (16 features in, one prediction out).
+MLP_WIDTHS = (16, 256, 256, 1)
+
+
+def _mlp() -> Any:
+    import torch
+
+    layers: list[Any] = []
+    for width_in, width_out in itertools.pairwise(MLP_WIDTHS):
+        layers += [torch.nn.Linear(width_in, width_out), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def _fit_mlp(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], folder: str) -> str:
+    """A seeded, untrained MLP: the bench measures scoring, not fitting."""
+    import torch
+
+    torch.manual_seed(0)
+    path = os.path.join(folder, "mlp.pt")
+    torch.save(_mlp().state_dict(), path)
+    return path
+
+
+def _load_mlp_predict(path: str) -> Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]:
+    import torch
+
+    model = _mlp()
+    model.load_state_dict(torch.load(path))
+    model.eval()
+
+    def predict(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        with torch.no_grad():
+            scored: np.ndarray[Any, Any] = model(torch.from_numpy(x)).numpy()[:, 0]
+        return scored
+
+    return predict
+
+
+def _torch_example(features: np.ndarray[Any, Any]) -> Any:
+    import torch
+
+    return torch.from_numpy(features)
+
+
+def _torch_beam_handler(path: str) -> Any:
+    # Imported when called: after patch(), this name is beam-turbo's handler.
+    from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
+
+    return PytorchModelHandlerTensor(state_dict_path=path, model_class=_mlp, model_params={})
+
+
+def _torch_turbo_handler(path: str) -> Any:
+    from beam_turbo.pytorch import PytorchModelHandlerTensor
+
+    return PytorchModelHandlerTensor(state_dict_path=path, model_class=_mlp, model_params={})
+
+
 MODELS: dict[str, TabularModel] = {
     "linear": TabularModel(
         title="scikit-learn LinearRegression on 16 float32 features",
@@ -122,6 +195,21 @@ MODELS: dict[str, TabularModel] = {
         load=_load_pickled_predict,
         beam_handler=_sklearn_beam_handler,
         turbo_handler=_sklearn_turbo_handler,
+    ),
+    "boosted": TabularModel(
+        title="scikit-learn HistGradientBoostingRegressor (100 trees) on 16 float32 features",
+        fit=_fit_boosted,
+        load=_load_pickled_predict,
+        beam_handler=_sklearn_beam_handler,
+        turbo_handler=_sklearn_turbo_handler,
+    ),
+    "mlp": TabularModel(
+        title="torch MLP 16-256-256-1 on 16 float32 features",
+        fit=_fit_mlp,
+        load=_load_mlp_predict,
+        beam_handler=_torch_beam_handler,
+        turbo_handler=_torch_turbo_handler,
+        example=_torch_example,
     ),
 }
 
@@ -255,13 +343,20 @@ def _table_schema(job: Job) -> Any:
     return pa.schema([("id", pa.int64()), ("prediction", pa.from_numpy_dtype(job.dtype))])
 
 
-def _keyed_features(row: dict[str, Any]) -> tuple[int, np.ndarray[Any, Any]]:
-    return row["id"], np.array([row[name] for name in FEATURES], dtype=np.float32)
+class _KeyedFeatures:
+    """A row as Beam's keyed handler takes it: ``(id, example)``."""
+
+    def __init__(self, model: str) -> None:
+        self._model = model
+
+    def __call__(self, row: dict[str, Any]) -> tuple[int, Any]:
+        features = np.array([row[name] for name in FEATURES], dtype=np.float32)
+        return row["id"], MODELS[self._model].example(features)
 
 
 def _prediction_row(keyed: tuple[int, Any]) -> dict[str, Any]:
     key, result = keyed
-    return {"id": key, "prediction": float(result.inference)}
+    return {"id": key, "prediction": float(np.asarray(result.inference).reshape(-1)[0])}
 
 
 def _run_rows(job: Job, state: dict[str, Any]) -> None:
@@ -275,7 +370,7 @@ def _run_rows(job: Job, state: dict[str, Any]) -> None:
         _ = (
             pipeline
             | "Read" >> beam.io.ReadFromParquet(_input_pattern(job), columns=["id", *FEATURES])
-            | "To arrays" >> beam.Map(_keyed_features)
+            | "To arrays" >> beam.Map(_KeyedFeatures(job.model))
             | "RunInference" >> base.RunInference(handler)
             | "To rows" >> beam.Map(_prediction_row)
             | "Write"

@@ -27,4 +27,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "one RunInference pipeline with stock Beam and with beam-turbo, end to end (also "
         "real models: --framework minilm|mobilenet)",
     ),
+    "report": (
+        "beam_turbo.bench.report",
+        "rerun the README's benchmark table and print it as Markdown, with its commit, "
+        "machine, medians and spread",
+    ),
 }

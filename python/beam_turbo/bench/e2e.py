@@ -325,7 +325,8 @@ def per_element_secs(
         while True:
             t_large = run_pipeline(framework, which, large, options, reported=reported)
             work = t_large - t_small
-            if work >= min_work_secs or large >= MAX_LARGE:
+            # (Without a minimum, a large run that the load made no slower is left as it is.)
+            if work >= min_work_secs or min_work_secs <= 0 or large >= MAX_LARGE:
                 break
             # Aim past the minimum; at most ten times larger per step, as work may be ~0.
             factor = min(10.0, 1.5 * min_work_secs / max(work, min_work_secs / 10))

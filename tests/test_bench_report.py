@@ -54,7 +54,8 @@ def check_report(out: str, command: str, labels: list[str]) -> None:
         assert re.fullmatch(r"- commit: `[0-9a-f]{40}`( \(dirty: .+\))?", commit), commit
     else:
         assert "not run from a git checkout" in commit, commit
-    assert re.fullmatch(r"- date: \d{4}-\d\d-\d\d \d\d:\d\d UTC, \d+ min", head.get("- date", ""))
+    assert re.fullmatch(r"- date: \d{4}-\d\d-\d\d \d\d:\d\d UTC", head.get("- date", ""))
+    assert re.fullmatch(r"- took \d+ min; load average at the end .+", out.splitlines()[-1])
     machine = head.get("- machine", "")
     assert re.match(r"- machine: \d+ cores.*, .+; load average", machine), machine
     assert head.get("- command") == f"- command: `{command}`"

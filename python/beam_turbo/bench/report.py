@@ -280,24 +280,17 @@ def measure_real_model(name: str, rounds: int, quick: bool) -> tuple[list[Row], 
     return rows, problems
 
 
-def markdown(
-    rows: Sequence[Row],
-    args: argparse.Namespace,
-    ran_on: str,
-    started: datetime.datetime,
-    seconds: float,
-    loads: tuple[str, str],
-) -> str:
-    """The report: what it ran on (``ran_on``: :func:`commit` at the start), then the table."""
+def preamble(args: argparse.Namespace, ran_on: str, started: datetime.datetime) -> str:
+    """What the report runs on (``ran_on``: :func:`commit` at the start), then the table's
+    head; the rows follow as they are measured, so a run cut short still leaves its rows."""
     import apache_beam
 
     mode = "quick" if args.quick else "full"
     sizes = SIZES[mode]
     lines = [
         f"- commit: {ran_on}",
-        f"- date: {started:%Y-%m-%d %H:%M} UTC, {seconds / 60:.0f} min",
-        f"- machine: {machine()}; load average (1, 5, 15 min) {loads[0]} at the start, "
-        f"{loads[1]} at the end",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC",
+        f"- machine: {machine()}; load average (1, 5, 15 min) {load_average()} at the start",
         f"- software: Python {platform.python_version()}, apache-beam {apache_beam.__version__}, "
         "the DirectRunner",
         f"- command: `{command_line(args)}`",
@@ -312,8 +305,11 @@ def markdown(
         "| " + " | ".join(HEADERS) + " |",
         "| --- | " + " | ".join("---:" for _ in HEADERS[1:]) + " |",
     ]
-    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _row_line(row: Row) -> str:
+    return "| " + " | ".join(row.cells()) + " |"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -340,20 +336,22 @@ def run(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise SystemExit("--rounds: at least 1")
     chosen = [name for name in NAMES if not args.only or name in args.only]
-    started, ran_on = datetime.datetime.now(datetime.UTC), commit()  # before the tree moves on
-    start, load_at_start = time.perf_counter(), load_average()
-    rows: list[Row] = []
+    start = time.perf_counter()
+    print(preamble(args, commit(), datetime.datetime.now(datetime.UTC)), flush=True)
     problems: list[str] = []
     for name in chosen:
         _say(f"{name}: {args.rounds} round(s)")
         if name in SMALL_MODELS:
-            rows.append(measure_small_model(name, args.rounds, args.quick))
+            rows = [measure_small_model(name, args.rounds, args.quick)]
         else:
-            found, disagreements = measure_real_model(name, args.rounds, args.quick)
-            rows += found
+            rows, disagreements = measure_real_model(name, args.rounds, args.quick)
             problems += disagreements
-    seconds = time.perf_counter() - start
-    print(markdown(rows, args, ran_on, started, seconds, (load_at_start, load_average())))
+        for row in rows:
+            print(_row_line(row), flush=True)
+    print(
+        f"\n- took {(time.perf_counter() - start) / 60:.0f} min; load average at the end "
+        f"{load_average()}"
+    )
     for problem in problems:
         print(f"\n**{problem}**")
     return 1 if problems else 0

@@ -16,6 +16,7 @@ Progress goes to stderr, the Markdown to stdout: ``beam-turbo bench report > tab
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -211,6 +212,17 @@ def command_line(args: argparse.Namespace) -> str:
     return line
 
 
+def torch_before_tensorflow() -> None:
+    """Import torch, and triton where installed, if they are: the rows run in one process,
+    and torch's LLVM loaded after TensorFlow's aborts it ("LLVM ERROR: inconsistency in
+    registered CommandLine options": MobileNetV2's row after TensorFlow's did). The real
+    models' workers do the same (:mod:`beam_turbo.bench.real_models`)."""
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
+    with contextlib.suppress(ImportError):
+        import triton  # noqa: F401
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -336,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise SystemExit("--rounds: at least 1")
     chosen = [name for name in NAMES if not args.only or name in args.only]
+    torch_before_tensorflow()
     start = time.perf_counter()
     print(preamble(args, commit(), datetime.datetime.now(datetime.UTC)), flush=True)
     problems: list[str] = []

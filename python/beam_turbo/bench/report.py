@@ -359,6 +359,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             rows, disagreements = measure_real_model(name, args.rounds, args.quick)
             problems += disagreements
+            # Said now, so that a run cut short keeps the verdict.
+            _say(f"  {name}: outputs " + ("DIFFER" if disagreements else "agree"))
         for row in rows:
             print(_row_line(row), flush=True)
     print(

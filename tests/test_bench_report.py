@@ -10,6 +10,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,20 @@ def test_the_whole_quick_report_has_the_readmes_rows(capsys: pytest.CaptureFixtu
     check_report(out, "beam-turbo bench report --rounds 2 --quick", labels)
 
 
+def test_the_readmes_table_is_a_reports_table() -> None:
+    """The README's benchmark table is a pasted report: its header and rows are the report's,
+    and the lines above it say the commit and the command that made it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Benchmark", 1)[1].split("\n## ", 1)[0]
+    header, rows = _table(section)
+    assert tuple(header) == report.HEADERS
+    labels = [*report.SMALL_MODELS.values()]
+    labels += [label for found in report.REAL_ROWS.values() for _, label in found]
+    assert [row[0] for row in rows] == labels
+    assert re.search(r"at\s+commit\s+`[0-9a-f]{7,40}`", section)
+    assert re.search(r"`beam-turbo bench report --rounds \d+`", section)
+
+
 def test_the_commit_names_head_and_says_dirty_only_for_tracked_changes(tmp_path: Path) -> None:
     def git(*args: str) -> str:
         done = subprocess.run(
@@ -133,3 +148,37 @@ def test_rounds_pair_where_both_sides_gave_a_slope_else_the_bounds_widen() -> No
     assert max(speedups) == 6.0 / 1.0
     assert statistics.median(speedups) == pytest.approx(4.0 / 1.5)
     assert report.Row("m", "/s", [], [1.0], 1.0, 1).cells()[3] == "n/a (too noisy)"
+
+
+def test_a_large_run_no_slower_than_the_small_one_gives_no_slope_and_no_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a loaded machine the large run can take less time than the small one; without a
+    minimum of work asked, bench e2e used to divide by zero trying to grow it. The report
+    counts such a round as no slope."""
+    from beam_turbo.bench import e2e
+
+    seconds = {2_000: 2.0, 6_000: 1.0}  # the large run the faster
+    monkeypatch.setattr(e2e, "run_pipeline", lambda _f, _w, n, *a, **k: seconds[n])
+    slope, large = e2e.per_element_secs(None, "stock", 2_000, 6_000, 1)  # type: ignore[arg-type]
+    assert large == 6_000
+    assert slope * (6_000 - 2_000) <= 1e-9  # clamped: what the report reads as no slope
+
+
+def test_torch_is_imported_before_tensorflow_so_all_rows_run_in_one_process() -> None:
+    """TensorFlow then torch's triton in one process aborts it (LLVM's options registered
+    twice): the full report crashed at MobileNetV2's row, after TensorFlow's."""
+    pytest.importorskip("torch")
+    pytest.importorskip("tensorflow")
+    script = (
+        "from beam_turbo.bench import report\n"
+        "report.torch_before_tensorflow()\n"
+        "import tensorflow, torchvision\n"
+        "print('both loaded')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "both loaded" in done.stdout

@@ -32,4 +32,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "scoring a table, Parquet in and out: stock Beam, patched, beam-turbo's columnar "
         "RunInference, plain Beam, pyarrow alone and Spark, outputs checked by id",
     ),
+    "report": (
+        "beam_turbo.bench.report",
+        "rerun the README's benchmark table and print it as Markdown, with its commit, "
+        "machine, medians and spread",
+    ),
 }

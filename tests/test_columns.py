@@ -405,6 +405,17 @@ def test_other_inputs_are_refused() -> None:
         feature_matrix(pa.table([[1.0], [2.0]], names=["a", "a"]), ["a"], "float32")
 
 
+def test_one_name_is_not_taken_for_its_letters() -> None:
+    table = pa.table({"x": [1.0], "xy": [2.0]})
+    with pytest.raises(InvalidTypeError, match=r"pass \['xy'\]"):
+        feature_matrix(table, "xy", "float32")
+
+
+def test_an_all_null_column_is_all_nan() -> None:
+    table = pa.table({"a": pa.nulls(3, pa.float32()), "b": pa.array([1, 2, 3], pa.int16())})
+    check(feature_matrix(table, None, "float64"), np.array([[np.nan, 1], [np.nan, 2], [np.nan, 3]]))
+
+
 def test_zero_rows_and_zero_columns() -> None:
     table = pa.table({"a": pa.array([], pa.float32()), "b": pa.array([], pa.int8())})
     check(feature_matrix(table, None, "float32"), np.empty((0, 2), np.float32))

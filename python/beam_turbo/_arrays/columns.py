@@ -120,6 +120,10 @@ def feature_matrix(
         array([[0.5, 1. ],
                [nan, 2. ]], dtype=float32)
     """
+    if isinstance(columns, str):
+        raise InvalidTypeError(
+            f"columns= takes a sequence of names, not one name: pass [{columns!r}]"
+        )
     target = None if dtype is None else np.dtype(dtype)
     if isinstance(table, np.ndarray):
         return _from_numpy(table, columns, target, out)
@@ -225,8 +229,11 @@ def _arrow_values(chunk: Any, dtype: np.dtype[Any]) -> tuple[Array, Array | None
         return chunk.fill_null(False).to_numpy(zero_copy_only=False), nulls
     # The values buffer as it is (what lies under a null is unspecified: the rows are
     # overwritten with NaN later); to_numpy would copy the whole chunk to float64 first.
+    data = chunk.buffers()[1]
+    if data is None:  # Arrow may leave out the values of an array that is all nulls.
+        return np.zeros(len(chunk), dtype), nulls
     values = np.frombuffer(
-        chunk.buffers()[1], dtype=dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize
+        data, dtype=dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize
     )
     return values, nulls
 

@@ -103,12 +103,22 @@ impl ColumnDtype {
     }
 
     /// The dtype of column `index`, a numpy dtype of `kind` (`b`, `i`, `u`, `f`, ...) and
-    /// `itemsize` bytes in native byte order (or not), named `name`; or why it cannot be one.
-    pub fn of_column(index: usize, kind: u8, itemsize: usize, native: bool, name: &str) -> Result<Self, CoreError> {
-        Self::from_kind(kind, itemsize).filter(|_| native || itemsize == 1).ok_or_else(|| CoreError::ColumnDtype {
-            index,
-            dtype: if native { name.into() } else { format!("{name} (non-native byte order)") },
-            supported: Self::SUPPORTED,
+    /// `itemsize` bytes in native byte order (or not); or why it cannot be one, naming it by
+    /// `name()` (called only then: naming a numpy dtype costs a Python call).
+    pub fn of_column(
+        index: usize,
+        kind: u8,
+        itemsize: usize,
+        native: bool,
+        name: impl FnOnce() -> String,
+    ) -> Result<Self, CoreError> {
+        Self::from_kind(kind, itemsize).filter(|_| native || itemsize == 1).ok_or_else(|| {
+            let name = name();
+            CoreError::ColumnDtype {
+                index,
+                dtype: if native { name } else { format!("{name} (non-native byte order)") },
+                supported: Self::SUPPORTED,
+            }
         })
     }
 
@@ -739,15 +749,15 @@ mod tests {
 
     #[test]
     fn unsupported_dtypes_are_named_with_what_is_supported() {
-        let err = D::of_column(3, b'c', 8, true, "complex64").unwrap_err();
+        let err = D::of_column(3, b'c', 8, true, || "complex64".into()).unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("column 3 has dtype complex64, which cannot be a feature"), "{msg}");
         assert!(msg.contains(D::SUPPORTED), "{msg}");
         assert_eq!(err.kind(), crate::ErrorKind::Type);
-        let msg = D::of_column(0, b'f', 4, false, ">f4").unwrap_err().to_string();
+        let msg = D::of_column(0, b'f', 4, false, || ">f4".into()).unwrap_err().to_string();
         assert!(msg.contains(">f4 (non-native byte order)"), "{msg}");
-        assert_eq!(D::of_column(0, b'u', 1, false, "|u1").unwrap(), D::U8);
-        assert_eq!(D::of_column(0, b'i', 8, true, "int64").unwrap(), D::I64);
+        assert_eq!(D::of_column(0, b'u', 1, false, || "|u1".into()).unwrap(), D::U8);
+        assert_eq!(D::of_column(0, b'i', 8, true, || "int64".into()).unwrap(), D::I64);
 
         let msg = D::target("complex64").unwrap_err().to_string();
         assert!(msg.starts_with("dtype=complex64 cannot be the output's dtype: use float32 or float64"), "{msg}");

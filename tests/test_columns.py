@@ -293,7 +293,9 @@ def test_pandas_columns_of_one_row_major_block_are_a_view() -> None:
     # One column of a block is strided: not a C-contiguous (n, 1) view, so copied.
     assert not np.shares_memory(single, matrix)
     own = pd.DataFrame({"x": np.arange(4.0)})
-    assert np.shares_memory(feature_matrix(own, ["x"], "float64"), own["x"].to_numpy())
+    view = feature_matrix(own, ["x"], "float64")
+    assert np.shares_memory(view, own["x"].to_numpy())
+    assert not view.flags.writeable
 
 
 # Errors name what was wrong and what is needed.

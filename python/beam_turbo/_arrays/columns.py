@@ -354,7 +354,12 @@ def _shared(picked: list[_Column], rows: int, target: np.dtype[Any]) -> Array | 
     first = picked[0].pieces[0]
     size, k = target.itemsize, len(picked)
     if k == 1:
-        return first.reshape(rows, 1) if first.flags.c_contiguous else None
+        if not first.flags.c_contiguous:
+            return None
+        view = first.reshape(rows, 1)
+        # Read-only, as pandas' and Arrow's own views are: writing would change the table.
+        view.flags.writeable = False
+        return view
     # Columns of one row-major block: column j starts j items after column 0, each one row
     # (k items) apart, as in a DataFrame made from a C-contiguous numpy matrix.
     start = first.__array_interface__["data"][0]

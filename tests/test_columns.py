@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from beam_turbo import _native
+from beam_turbo._arrays import columns as columns_module
 from beam_turbo._arrays.columns import feature_matrix
 from beam_turbo.errors import InvalidInputError, InvalidTypeError, MissingColumnError
 
@@ -220,6 +221,39 @@ def test_own_dtype_and_default_dtype() -> None:
     check(feature_matrix(mixed), np.array([[1, 0.5], [2, 1.5]], np.float64))
 
 
+@pytest.mark.parametrize("blocks", [True, False], ids=["block-manager", "public-api"])
+def test_pandas_columns_read_through_blocks_or_the_public_api(
+    blocks: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(columns_module, "_PANDAS_BLOCKS", blocks)
+    matrix = np.arange(8.0).reshape(4, 2)
+    frame = pd.DataFrame(matrix, columns=["a", "b"], copy=False)
+    frame["i"] = pd.array([1, None, 3, 4], dtype="Int64")
+    frame["f"] = pd.array([0.5, 1.5, None, 2.5], dtype="Float32")
+    frame["t"] = pd.array([True, False, None, True], dtype="boolean")
+    frame["p"] = pd.Series([1.0, None, 3.0, 4.0], dtype="float32[pyarrow]")
+    frame["u"] = np.array([1, 2, 3, 250], np.uint8)
+    frame["s"] = ["w", "x", "y", "z"]
+    arrays = columns_module._frame_arrays(frame, [0, 2])
+    assert all(isinstance(a, pd.Series) for a in arrays) != blocks
+    nan = np.nan
+    want = np.array(
+        [
+            [0, 1, 1, 0.5, 1, 1, 1],
+            [2, 3, nan, 1.5, 0, nan, 2],
+            [4, 5, 3, nan, nan, 3, 3],
+            [6, 7, 4, 2.5, 1, 4, 250],
+        ]
+    )
+    check(feature_matrix(frame, ["a", "b", "i", "f", "t", "p", "u"], "float64"), want)
+    view = feature_matrix(frame, ["a", "b"], "float64")
+    assert np.shares_memory(view, matrix)
+    with pytest.raises(InvalidTypeError, match=r"column 's' has type str"):
+        feature_matrix(frame, ["a", "s"], "float64")
+    with pytest.raises(InvalidInputError, match=r"column 'i' has a null at row 1"):
+        feature_matrix(frame, ["i"], "int64")
+
+
 # Zero copy: the matrix is the table's own memory where the layout already fits.
 
 
@@ -259,7 +293,9 @@ def test_pandas_columns_of_one_row_major_block_are_a_view() -> None:
     # One column of a block is strided: not a C-contiguous (n, 1) view, so copied.
     assert not np.shares_memory(single, matrix)
     own = pd.DataFrame({"x": np.arange(4.0)})
-    assert np.shares_memory(feature_matrix(own, ["x"], "float64"), own["x"].to_numpy())
+    view = feature_matrix(own, ["x"], "float64")
+    assert np.shares_memory(view, own["x"].to_numpy())
+    assert not view.flags.writeable
 
 
 # Errors name what was wrong and what is needed.
@@ -401,8 +437,24 @@ def test_other_inputs_are_refused() -> None:
         feature_matrix(np.array([["a"]]), None, "float32")
     with pytest.raises(InvalidTypeError, match=r"got builtins.dict"):
         feature_matrix({"a": [1.0]}, None, "float32")
-    with pytest.raises(InvalidInputError, match=r"column 'a' appears 2 times"):
+    with pytest.raises(InvalidInputError, match=r"column 'a' appears 2 times in the table"):
         feature_matrix(pa.table([[1.0], [2.0]], names=["a", "a"]), ["a"], "float32")
+    twice = pd.DataFrame([[1.0, 2.0, 3.0]], columns=["a", "b", "a"])
+    with pytest.raises(InvalidInputError, match=r"column 'a' appears 2 times in the frame"):
+        feature_matrix(twice, ["b", "a"], "float32")
+    # Every column, by position: duplicated names are no question then.
+    check(feature_matrix(twice, None, "float32"), np.array([[1, 2, 3]], np.float32))
+
+
+def test_one_name_is_not_taken_for_its_letters() -> None:
+    table = pa.table({"x": [1.0], "xy": [2.0]})
+    with pytest.raises(InvalidTypeError, match=r"pass \['xy'\]"):
+        feature_matrix(table, "xy", "float32")
+
+
+def test_an_all_null_column_is_all_nan() -> None:
+    table = pa.table({"a": pa.nulls(3, pa.float32()), "b": pa.array([1, 2, 3], pa.int16())})
+    check(feature_matrix(table, None, "float64"), np.array([[np.nan, 1], [np.nan, 2], [np.nan, 3]]))
 
 
 def test_zero_rows_and_zero_columns() -> None:

@@ -172,5 +172,10 @@ mod tests {
         assert_eq!(CoreError::Alloc { bytes: 1 }.kind(), ErrorKind::Memory);
         assert_eq!(CoreError::Empty.kind(), ErrorKind::Value);
         assert_eq!(CoreError::OutOverlaps { index: 0 }.kind(), ErrorKind::Value);
+        assert_eq!(CoreError::ColumnLength { index: 1, len: 2, expected: 3 }.kind(), ErrorKind::Value);
+        assert_eq!(CoreError::NoColumns.kind(), ErrorKind::Value);
+        assert_eq!(CoreError::OutOverlapsColumn { index: 0 }.kind(), ErrorKind::Value);
+        assert_eq!(CoreError::ColumnDtype { index: 0, dtype: "c8".into(), supported: "" }.kind(), ErrorKind::Type);
+        assert_eq!(CoreError::OutputDtype { dtype: "c8".into(), reason: String::new() }.kind(), ErrorKind::Type);
     }
 }

@@ -16,7 +16,7 @@ use crate::stack::{SendPtr, data_ptr, flags, into_ndarray};
 /// The core's dtype of a numpy dtype, for column `index` (`None` for the output).
 fn column_dtype(dtype: &Bound<'_, PyArrayDescr>, index: usize) -> Result<ColumnDtype, CoreError> {
     let native = dtype.is_native_byteorder() != Some(false);
-    ColumnDtype::of_column(index, dtype.kind(), dtype.itemsize(), native, &dtype.to_string())
+    ColumnDtype::of_column(index, dtype.kind(), dtype.itemsize(), native, || dtype.to_string())
 }
 
 /// Describes column `index` (a 1-D numpy array) for the core.

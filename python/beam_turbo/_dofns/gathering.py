@@ -192,8 +192,7 @@ class RunBatches:
         else:
             from beam_turbo._running.tables import TableInference
 
-            table_inference = TableInference(**inference, spec=self._tables)
-            self._infer = lambda batch: table_inference
+            self._infer = TableInference(**inference, spec=self._tables).of
         exc_class = self._exc_class
         self.runner = BatchRunner(
             namespace=namespace,

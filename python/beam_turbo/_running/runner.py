@@ -212,7 +212,8 @@ class ModelSource:
 class HandlerInference:
     """A handler's ``run_inference`` on a part of a batch, as Beam's inference DoFn runs it:
     the model from the :class:`ModelSource`, the time to the sizer, Beam's metrics and
-    beam-turbo's. Built in a DoFn's ``setup``."""
+    beam-turbo's. Built in a DoFn's ``setup``. Another way of running a part (tables:
+    ``_running/tables.py``) overrides :meth:`run` and :meth:`num_bytes`."""
 
     def __init__(
         self,
@@ -237,13 +238,20 @@ class HandlerInference:
         self._whole = (batch.elements, batch.weight)
         return self.__call__
 
+    def run(self, part: Sequence[Any], model: Any) -> list[Any]:
+        """The part's results (timed)."""
+        return list(self._handler.run_inference(part, model, self._inference_args))
+
+    def num_bytes(self, part: Sequence[Any]) -> int:
+        """The part's size for Beam's byte metric, after it ran (not timed)."""
+        return int(self._handler.get_num_bytes(part))
+
     def __call__(self, part: Sequence[Any]) -> list[Any]:
         model = self._models.acquire_model()
         metrics = self._models.metrics
-        handler = self._handler
         start = self._clock.time_ns()
         try:
-            results = list(handler.run_inference(part, model, self._inference_args))
+            results = self.run(part, model)
         except Exception:
             if metrics is not None:
                 metrics.failed_batches_counter.inc()
@@ -255,5 +263,5 @@ class HandlerInference:
         )
         self._batch_size.update(len(part))
         if metrics is not None:
-            metrics.update(len(part), handler.get_num_bytes(part), elapsed_ns // 1000)
+            metrics.update(len(part), self.num_bytes(part), elapsed_ns // 1000)
         return results

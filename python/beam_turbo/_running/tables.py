@@ -8,17 +8,11 @@ dead letters as rows, and every other row is scored.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-from apache_beam.metrics.metric import Metrics
+from typing import Any
 
 from beam_turbo._arrays.tables import TableRows, TableSpec
-from beam_turbo._gathering.sizing import Sizing
-from beam_turbo._running.runner import BATCH_SIZE_METRIC, ModelSource
+from beam_turbo._running.runner import HandlerInference
 from beam_turbo.errors import InvalidTypeError
-
-if TYPE_CHECKING:  # it imports torch where installed, which BatchElements must not do
-    from apache_beam.ml.inference import base
 
 __all__ = ["TableInference", "check_scores_tables"]
 
@@ -35,49 +29,25 @@ def check_scores_tables(handler: Any) -> None:
         )
 
 
-class TableInference:
-    """The handler's ``predict_matrix`` on a part of a batch of rows, with the model from the
-    cache, the time to the sizer, and Beam's metrics (elements are rows)."""
+class TableInference(HandlerInference):
+    """The handler's ``predict_matrix`` on a part of a batch of rows (elements are rows), run
+    as :class:`~beam_turbo._running.runner.HandlerInference` runs ``run_inference``."""
 
-    def __init__(
-        self,
-        *,
-        handler: base.ModelHandler,
-        models: ModelSource,
-        namespace: str,
-        clock: Any,
-        sizing: Sizing,
-        inference_args: dict[str, Any] | None,
-        spec: TableSpec,
-    ) -> None:
-        self._handler = handler
-        self._models = models
-        self._clock = clock
-        self._sizing = sizing
-        self._inference_args = inference_args or {}
+    def __init__(self, *, spec: TableSpec, **inference: Any) -> None:
+        super().__init__(**inference)
         self._spec = spec
-        self._batch_size = Metrics.distribution(namespace, BATCH_SIZE_METRIC)
+        self._matrix_bytes = 0
 
-    def __call__(self, part: Sequence[Any]) -> list[Any]:
+    def run(self, part: Sequence[Any], model: Any) -> list[Any]:
         assert isinstance(part, TableRows)
-        model = self._models.acquire_model()
-        metrics = self._models.metrics
-        start = self._clock.time_ns()
-        try:
-            spec = self._spec
-            features = spec.features_of(part.pieces[0])
-            matrix = part.feature_matrix(features, spec.feature_dtype)
-            predictions = self._handler.predict_matrix(
-                matrix, model, self._inference_args, features
-            )
-            output = part.with_predictions(predictions, spec)
-        except Exception:
-            if metrics is not None:
-                metrics.failed_batches_counter.inc()
-            raise
-        elapsed_ns = self._clock.time_ns() - start
-        self._sizing.record(len(part), elapsed_ns / 1e9)
-        self._batch_size.update(len(part))
-        if metrics is not None:
-            metrics.update(len(part), int(matrix.nbytes), elapsed_ns // 1000)
-        return [output]
+        spec = self._spec
+        features = spec.features_of(part.pieces[0])
+        matrix = part.feature_matrix(features, spec.feature_dtype)
+        self._matrix_bytes = int(matrix.nbytes)
+        predictions = self._handler.predict_matrix(
+            matrix, model, self._inference_args or {}, features
+        )
+        return [part.with_predictions(predictions, spec)]
+
+    def num_bytes(self, part: Sequence[Any]) -> int:
+        return self._matrix_bytes

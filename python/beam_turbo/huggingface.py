@@ -42,6 +42,7 @@ import torch
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from beam_turbo._arrays.results import prediction_results
+from beam_turbo._beam import internals
 from beam_turbo._running.loading import loading_model
 from beam_turbo._torch.inference import TorchInference, cuda_usable, resolve_device
 from beam_turbo._torch.padding import check_pad_values, token_length
@@ -416,6 +417,8 @@ class HuggingFacePipelineModelHandler(ModelHandler):
             return
         if current == "CPU":
             self._load_pipeline_args["device"] = "cpu"
+        elif internals.HUGGINGFACE_FRAMEWORKS_AT_LOAD:
+            return  # chosen where the model loads (load_model), as Beam does
         elif torch.cuda.is_available():
             self._load_pipeline_args["device"] = "cuda:0"
         else:
@@ -425,9 +428,24 @@ class HuggingFacePipelineModelHandler(ModelHandler):
 
     def load_model(self) -> Any:
         """The pipeline, from ``transformers.pipeline(task=..., model=..., **args)``."""
-        from transformers import pipeline
+        if not internals.HUGGINGFACE_FRAMEWORKS_AT_LOAD:
+            from transformers import pipeline
 
-        return pipeline(task=self._task, model=self._model, **self._load_pipeline_args)
+            return pipeline(task=self._task, model=self._model, **self._load_pipeline_args)
+        try:
+            from transformers import pipeline
+        except ImportError as error:
+            raise ImportError(internals.TRANSFORMERS_REQUIRED) from error
+        args = dict(self._load_pipeline_args)
+        if "device" not in args:  # the loading worker's GPU, as Beam 2.78 chooses it
+            import torch as workers_torch
+
+            if workers_torch.cuda.is_available():
+                args["device"] = "cuda:0"
+            else:
+                _BEAM_LOG.warning(_NO_GPU)
+                args["device"] = "cpu"
+        return pipeline(task=self._task, model=self._model, **args)
 
     def run_inference(
         self,

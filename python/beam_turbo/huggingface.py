@@ -16,9 +16,11 @@ What changes:
   by length so that little is padding, and per-token outputs come back trimmed to each
   element's own length. Beam can only run such elements one at a time (``max_batch_size=1``)
   or padded upstream to a fixed length. :func:`token_pad_values` gives the usual values;
-- importing this module imports neither TensorFlow nor ``transformers``: Beam's module imports
-  both (and, with TensorFlow 2.21 and torch 2.15 installed together, aborts the process unless
-  torch's ``triton`` was imported first); TensorFlow is used only for TensorFlow tensors;
+- importing this module imports neither TensorFlow nor ``transformers``: Beam 2.75-2.77's
+  module imports both (and, with TensorFlow 2.21 and torch 2.15 installed together, aborts the
+  process unless torch's ``triton`` was imported first); TensorFlow is used only for TensorFlow
+  tensors. (From Beam 2.78, Beam's module imports no framework; this one imports torch.) On
+  Beam 2.78, as Beam's, the pipeline handler's device is chosen when the model loads;
 - the batch byte-size metric is the batch's true size (Beam's sums each value's
   ``element_size()``, the bytes of one scalar);
 - a user's ``inference_fn`` on ``HuggingFaceModelHandlerTensor`` gets the device as its third

@@ -25,7 +25,7 @@ import apache_beam
 #: The Beam releases (major.minor) whose internals this module was read from and checked
 #: against: the names below are the same in each, and Beam's own tests pass with beam-turbo
 #: in place on each (scripts/conformance.sh).
-SUPPORTED_BEAM = ("2.75", "2.76", "2.77")
+SUPPORTED_BEAM = ("2.75", "2.76", "2.77", "2.78")
 
 
 class UnsupportedBeamVersionError(ImportError):
@@ -36,9 +36,9 @@ def check_beam_version(version: str = apache_beam.__version__) -> None:
     """Raise :class:`UnsupportedBeamVersionError` unless ``version`` is a supported release.
 
     Example:
-        >>> check_beam_version("2.77.1")
+        >>> check_beam_version("2.78.1")
         >>> check_beam_version("2.75.0")
-        >>> check_beam_version("2.78.0")
+        >>> check_beam_version("2.79.0")
         Traceback (most recent call last):
         ...
         beam_turbo._beam.internals.UnsupportedBeamVersionError: ...

@@ -137,8 +137,8 @@ def test_private_beam_parts_are_behind_a_version_check() -> None:
         check_beam_version(release + ".9")
     with pytest.raises(UnsupportedBeamVersionError, match=r"apache-beam 2\.74\.0 is installed"):
         check_beam_version("2.74.0")
-    with pytest.raises(UnsupportedBeamVersionError, match=r"apache-beam 2\.78\.0 is installed"):
-        check_beam_version("2.78.0")
+    with pytest.raises(UnsupportedBeamVersionError, match=r"apache-beam 2\.79\.0 is installed"):
+        check_beam_version("2.79.0")
     with pytest.raises(ImportError):
         check_beam_version("2.7")
 

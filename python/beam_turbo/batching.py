@@ -11,6 +11,7 @@ Beam are listed in one place, the README's "Differences from Beam" table.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,7 +61,9 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
             and flushed when the batch is full, its window ends, or this much processing time
             has passed since its first element.
         element_size_fn: an element's weight (default 1). With it, the batch-size bounds and
-            targets are in total weight, and batches hold a varying number of elements.
+            targets are in total weight, and batches hold a varying number of elements. From
+            Beam 2.78, with ``max_batch_weight`` too, as Beam: the bounds and targets count
+            elements, and ``max_batch_weight`` bounds the weight apart.
         variance: accepted for compatibility; Beam jitters sizes by this much, beam-turbo
             does not.
         clock: an alternative to ``time.time`` to time downstream work (for tests).
@@ -71,7 +74,8 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
         bucket_boundaries: sorted positive length boundaries, lower-inclusive; default
             ``[16, 32, 64, 128, 256, 512]`` when ``length_fn`` is set.
         max_batch_weight: a cap on a batch's total weight (``element_size_fn``). An element
-            heavier than the cap goes out alone.
+            heavier than the cap goes out alone. From Beam 2.78 it requires
+            ``element_size_fn`` and must be >= 1 (Beam's checks).
 
     Raises:
         InvalidInputError (a ValueError): invalid targets, bounds or bucket boundaries, with
@@ -121,8 +125,22 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
             raise InvalidInputError(
                 "bucket_boundaries must be a non-empty sorted list of positive values."
             )
+        if max_batch_weight is not None and internals.MAX_BATCH_WEIGHT_BOUNDS_APART:
+            # Beam's checks, Beam's words.
+            if element_size_fn is None or element_size_fn is unit_weight:
+                raise InvalidInputError("max_batch_weight requires element_size_fn to be set.")
+            if max_batch_weight < 1:
+                raise InvalidInputError(f"max_batch_weight must be >= 1, got {max_batch_weight}")
         if max_batch_weight is not None and not max_batch_weight > 0:
             raise InvalidInputError(f"max_batch_weight ({max_batch_weight}) must be positive")
+        if (
+            length_fn is not None
+            and max_batch_duration_secs is None
+            and internals.LENGTH_FN_IGNORED_WARNING is not None
+        ):
+            logging.getLogger(internals.BATCHING_LOGGER).warning(
+                internals.LENGTH_FN_IGNORED_WARNING
+            )
         self._sizing = Sizing.from_batching_args(
             {
                 "min_batch_size": min_batch_size,
@@ -178,7 +196,10 @@ class BatchElements(beam.PTransform[PCollection[Any], PCollection[list[Any]]]):
                 max_buffering_secs=self._max_batch_dur,
                 timing=timing,
             )
-            batches = pcoll | "Key" >> _pardo(keying) | "Batch" >> _pardo(stateful)
+            if internals.STATEFUL_BATCHING_DOFN_LABEL is not None:  # Beam's labels
+                batches = pcoll | _pardo(keying) | _pardo(stateful)
+            else:
+                batches = pcoll | "Key" >> _pardo(keying) | "Batch" >> _pardo(stateful)
             return batches
         dofn_class = GatheringDoFn if pcoll.windowing.is_default() else WindowedGatheringDoFn
         batches = pcoll | _pardo(dofn_class(sizing=self._sizing, action=EmitBatches(timing)))

@@ -16,9 +16,11 @@ What changes:
   by length so that little is padding, and per-token outputs come back trimmed to each
   element's own length. Beam can only run such elements one at a time (``max_batch_size=1``)
   or padded upstream to a fixed length. :func:`token_pad_values` gives the usual values;
-- importing this module imports neither TensorFlow nor ``transformers``: Beam's module imports
-  both (and, with TensorFlow 2.21 and torch 2.15 installed together, aborts the process unless
-  torch's ``triton`` was imported first); TensorFlow is used only for TensorFlow tensors;
+- importing this module imports neither TensorFlow nor ``transformers``: Beam 2.75-2.77's
+  module imports both (and, with TensorFlow 2.21 and torch 2.15 installed together, aborts the
+  process unless torch's ``triton`` was imported first); TensorFlow is used only for TensorFlow
+  tensors. (From Beam 2.78, Beam's module imports no framework; this one imports torch.) On
+  Beam 2.78, as Beam's, the pipeline handler's device is chosen when the model loads;
 - the batch byte-size metric is the batch's true size (Beam's sums each value's
   ``element_size()``, the bytes of one scalar);
 - a user's ``inference_fn`` on ``HuggingFaceModelHandlerTensor`` gets the device as its third
@@ -42,6 +44,7 @@ import torch
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from beam_turbo._arrays.results import prediction_results
+from beam_turbo._beam import internals
 from beam_turbo._running.loading import loading_model
 from beam_turbo._torch.inference import TorchInference, cuda_usable, resolve_device
 from beam_turbo._torch.padding import check_pad_values, token_length
@@ -416,6 +419,8 @@ class HuggingFacePipelineModelHandler(ModelHandler):
             return
         if current == "CPU":
             self._load_pipeline_args["device"] = "cpu"
+        elif internals.HUGGINGFACE_FRAMEWORKS_AT_LOAD:
+            return  # chosen where the model loads (load_model), as Beam does
         elif torch.cuda.is_available():
             self._load_pipeline_args["device"] = "cuda:0"
         else:
@@ -425,9 +430,24 @@ class HuggingFacePipelineModelHandler(ModelHandler):
 
     def load_model(self) -> Any:
         """The pipeline, from ``transformers.pipeline(task=..., model=..., **args)``."""
-        from transformers import pipeline
+        if not internals.HUGGINGFACE_FRAMEWORKS_AT_LOAD:
+            from transformers import pipeline
 
-        return pipeline(task=self._task, model=self._model, **self._load_pipeline_args)
+            return pipeline(task=self._task, model=self._model, **self._load_pipeline_args)
+        try:
+            from transformers import pipeline
+        except ImportError as error:
+            raise ImportError(internals.TRANSFORMERS_REQUIRED) from error
+        args = dict(self._load_pipeline_args)
+        if "device" not in args:  # the loading worker's GPU, as Beam 2.78 chooses it
+            import torch as workers_torch
+
+            if workers_torch.cuda.is_available():
+                args["device"] = "cuda:0"
+            else:
+                _BEAM_LOG.warning(_NO_GPU)
+                args["device"] = "cpu"
+        return pipeline(task=self._task, model=self._model, **args)
 
     def run_inference(
         self,

@@ -25,7 +25,7 @@ import apache_beam
 #: The Beam releases (major.minor) whose internals this module was read from and checked
 #: against: the names below are the same in each, and Beam's own tests pass with beam-turbo
 #: in place on each (scripts/conformance.sh).
-SUPPORTED_BEAM = ("2.75", "2.76", "2.77")
+SUPPORTED_BEAM = ("2.75", "2.76", "2.77", "2.78")
 
 
 class UnsupportedBeamVersionError(ImportError):
@@ -36,9 +36,9 @@ def check_beam_version(version: str = apache_beam.__version__) -> None:
     """Raise :class:`UnsupportedBeamVersionError` unless ``version`` is a supported release.
 
     Example:
-        >>> check_beam_version("2.77.1")
+        >>> check_beam_version("2.78.1")
         >>> check_beam_version("2.75.0")
-        >>> check_beam_version("2.78.0")
+        >>> check_beam_version("2.79.0")
         Traceback (most recent call last):
         ...
         beam_turbo._beam.internals.UnsupportedBeamVersionError: ...
@@ -54,6 +54,51 @@ def check_beam_version(version: str = apache_beam.__version__) -> None:
 
 
 check_beam_version()
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+#: The one check of which Beam release's semantics beam-turbo follows where Beam changed its
+#: own: true from Beam 2.78. Each behaviour that hangs on it is named below.
+SINCE_2_78 = _release(apache_beam.__version__) >= (2, 78)
+
+#: ``BatchElements``' ``max_batch_weight`` (Beam 2.78): a batch's size (its bounds, the
+#: sizer's target) counts its elements, and its total ``element_size_fn`` is bounded apart by
+#: ``max_batch_weight``, which requires ``element_size_fn``. Before, beam-turbo's own meaning
+#: (Beam refused the argument): the weight is the size, and the cap caps the sizer's target.
+MAX_BATCH_WEIGHT_BOUNDS_APART = SINCE_2_78
+
+#: The label of Beam's stateful batching DoFn (``BatchElements`` with
+#: ``max_batch_duration_secs``: ``ParDo(_StatefulBatchElementsDoFn)``, after Beam's keying
+#: DoFn's ``ParDo(WithSharedKey)``), pinned by Beam 2.78 with its state names (``weight`` only
+#: with ``element_size_fn``) for pipeline update; None before: beam-turbo's own (``Key``,
+#: ``Batch``, and a ``weight`` state always).
+STATEFUL_BATCHING_DOFN_LABEL: str | None = "_StatefulBatchElementsDoFn" if SINCE_2_78 else None
+
+#: Beam 2.78's ``BatchElements`` warns, on its module's logger, that it ignores ``length_fn``
+#: and ``bucket_boundaries`` without ``max_batch_duration_secs``; None: it does not.
+LENGTH_FN_IGNORED_WARNING: str | None = (
+    "BatchElements ignores length_fn and bucket_boundaries unless max_batch_duration_secs is set."
+    if SINCE_2_78
+    else None
+)
+#: The logger of Beam's ``BatchElements`` (``apache_beam.transforms.util``).
+BATCHING_LOGGER = "apache_beam.transforms.util"
+
+#: Beam's HuggingFace module (Beam 2.78) imports no framework at import (before, TensorFlow,
+#: torch and transformers), and its ``HuggingFacePipelineModelHandler`` chooses its device when
+#: it loads the model (``cuda:0`` where the workers' torch sees a GPU; before, where the
+#: handler was built), and fails with :data:`TRANSFORMERS_REQUIRED` without transformers.
+HUGGINGFACE_FRAMEWORKS_AT_LOAD = SINCE_2_78
+#: Beam 2.78's error when transformers cannot be imported to load a pipeline.
+TRANSFORMERS_REQUIRED = (
+    "transformers is required to load Hugging Face pipelines, e.g. for "
+    "HuggingFacePipelineModelHandler. Please install it using `pip install transformers` in "
+    "the environment where the pipeline is executed (for example, on the workers)."
+)
 
 # The checked imports. Keep this list short: each is a promise about Beam's internals.
 from apache_beam.transforms.util import (  # noqa: E402
@@ -171,12 +216,19 @@ def length_bucket_key_dofn(length_fn: Any, boundaries: Any) -> Any:
 
 
 __all__ = [
+    "BATCHING_LOGGER",
     "BATCH_SIZE_METRIC",
     "DEFAULT_BUCKET_BOUNDARIES",
+    "HUGGINGFACE_FRAMEWORKS_AT_LOAD",
+    "LENGTH_FN_IGNORED_WARNING",
+    "MAX_BATCH_WEIGHT_BOUNDS_APART",
     "MAX_LIVE_WINDOWS",
     "METRICS_NAMESPACE",
     "MSEC_PER_BATCH_METRIC",
+    "SINCE_2_78",
+    "STATEFUL_BATCHING_DOFN_LABEL",
     "SUPPORTED_BEAM",
+    "TRANSFORMERS_REQUIRED",
     "BatchSizeEstimator",
     "GlobalWindowsBatchingDoFn",
     "InferenceDoFnParts",

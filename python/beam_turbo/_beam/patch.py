@@ -196,7 +196,10 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         if module.__name__ == _HUGGINGFACE and "tensorflow" not in sys.modules:
-            _import_triton_first()
+            from beam_turbo._beam import internals
+
+            if not internals.HUGGINGFACE_FRAMEWORKS_AT_LOAD:  # it imports TensorFlow now
+                _import_triton_first()
         self._loader.exec_module(module)
         if _active:
             _replace_in(module)
@@ -206,7 +209,7 @@ class _PatchingLoader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-#: Beam's HuggingFace module imports TensorFlow, then torch and transformers.
+#: Beam's HuggingFace module imports TensorFlow, then torch and transformers (before 2.78).
 _HUGGINGFACE = "apache_beam.ml.inference.huggingface_inference"
 
 

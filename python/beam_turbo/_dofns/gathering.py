@@ -278,7 +278,7 @@ class GatheringDoFn(beam.DoFn):
         self._sizing = self._sizing.shared()
         self._action.setup(self._sizing)
         # Elements that all weigh 1 and are not pooled take the gatherer's fast path.
-        self._unit = self._sizing.weight_fn is None and self._cut is None and not self._rows
+        self._unit = self._sizing.unit and self._cut is None and not self._rows
         self._take = self._action.take
 
     def start_bundle(self) -> None:

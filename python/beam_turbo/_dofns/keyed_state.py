@@ -91,6 +91,7 @@ class _Gathering:
     weight: float = 0.0
     target: float = 0.0
     deadline: float | None = None
+    load: float = 0.0  # Sizing.load_fn's total (Beam 2.78's max_batch_weight)
 
 
 #: Where a batch gathers: the transform (its sizing's key), the element key and the window.
@@ -140,10 +141,18 @@ def stateful_inference_dofn(
             key, value = element
             where = (self._sizing.key, key, win)
             gathering = self._gathering(where, elements)
-            weight = self._sizing.element_weight(value)
-            if closes_first(gathering.count, gathering.weight, weight, gathering.target) or (
-                gathering.count and self._overdue(gathering)
-            ):
+            sizing = self._sizing
+            weight = sizing.element_weight(value)
+            load = sizing.element_load(value)
+            if closes_first(
+                gathering.count,
+                gathering.weight,
+                weight,
+                gathering.target,
+                gathering.load,
+                load,
+                sizing.max_load,
+            ) or (gathering.count and self._overdue(gathering)):
                 yield from self._flush(where, elements, deadline)
                 gathering = self._gathering(where, elements)
             if gathering.count == 0:  # a new batch
@@ -155,7 +164,8 @@ def stateful_inference_dofn(
             elements.add(value)
             gathering.count += 1
             gathering.weight += weight
-            if is_full(gathering.weight, gathering.target):
+            gathering.load += load
+            if is_full(gathering.weight, gathering.target, gathering.load, sizing.max_load):
                 yield from self._flush(where, elements, deadline)
 
         def _gathering(self, where: _Where, elements: Any) -> _Gathering:
@@ -169,6 +179,7 @@ def stateful_inference_dofn(
                 # First seen in this process: count what the bag holds (a worker restarted).
                 held = list(elements.read())
                 gathering = _Gathering(len(held), self._sizing.batch_weight(held))
+                gathering.load = self._sizing.batch_load(held)
                 gathering.target = self._sizing.target()
                 if held and max_buffering_secs > 0:
                     # Its timer was set before; should it be lost, _overdue runs the batch.
@@ -261,7 +272,11 @@ def stateful_batching_dofn(
     max_buffering_secs: float,
     timing: DownstreamTiming,
 ) -> beam.DoFn:
-    """``BatchElements``' stateful DoFn: see the module docs."""
+    """``BatchElements``' stateful DoFn: see the module docs.
+
+    Its ``weight`` state sums ``element_size_fn`` (the weights, or the loads: ``Sizing``);
+    where Beam pins its stateful batching's label and state names (2.78), the DoFn takes
+    Beam's label and has no ``weight`` state without ``element_size_fn``."""
     elements_state = BagStateSpec("values", input_coder)
     count_state = CombiningValueStateSpec("count", coders.VarIntCoder(), CountCombineFn())
     weight_state = CombiningValueStateSpec("weight", coders.FloatCoder(), _SumWeights())
@@ -269,66 +284,146 @@ def stateful_batching_dofn(
     sizer_state = ReadModifyWriteStateSpec("batch_estimator", coders.PickleCoder())
     window_timer = TimerSpec("window_end", TimeDomain.WATERMARK)
     buffering_timer = TimerSpec("buffering_end", TimeDomain.REAL_TIME)
+    label = internals.STATEFUL_BATCHING_DOFN_LABEL
+    loaded = sizing.load_fn is not None  # the weight state sums loads, the size is a count
+    weighed = label is None or not sizing.unit  # a weight state (else weight is None)
+
+    def held_weight(count: Any, weight: Any) -> float:
+        return float(count.read()) if weight is None or loaded else float(weight.read())
 
     class StatefulBatchingDoFn(beam.DoFn):
         def setup(self) -> None:
             timing.setup()
 
-        def process(
+        def default_label(self) -> str:
+            return label or super().default_label()
+
+        if weighed:
+
+            def process(
+                self,
+                element: Any,
+                win: Any = beam.DoFn.WindowParam,
+                elements: Any = beam.DoFn.StateParam(elements_state),
+                count: Any = beam.DoFn.StateParam(count_state),
+                weight: Any = beam.DoFn.StateParam(weight_state),
+                target: Any = beam.DoFn.StateParam(target_state),
+                sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
+                window_end: Any = beam.DoFn.TimerParam(window_timer),
+                buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
+            ) -> Iterator[Any]:
+                state = (elements, count, weight, target, sizer_in_state, buffering_end)
+                return self._add(element, win, window_end, *state)
+
+            @on_timer(window_timer)
+            def on_window_end(
+                self,
+                elements: Any = beam.DoFn.StateParam(elements_state),
+                count: Any = beam.DoFn.StateParam(count_state),
+                weight: Any = beam.DoFn.StateParam(weight_state),
+                target: Any = beam.DoFn.StateParam(target_state),
+                sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
+                buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
+            ) -> Iterator[Any]:
+                yield from self._flush(
+                    elements, count, weight, target, sizer_in_state, buffering_end
+                )
+
+            @on_timer(buffering_timer)
+            def on_buffering_end(
+                self,
+                elements: Any = beam.DoFn.StateParam(elements_state),
+                count: Any = beam.DoFn.StateParam(count_state),
+                weight: Any = beam.DoFn.StateParam(weight_state),
+                target: Any = beam.DoFn.StateParam(target_state),
+                sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
+                buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
+            ) -> Iterator[Any]:
+                yield from self._flush(
+                    elements, count, weight, target, sizer_in_state, buffering_end
+                )
+
+        else:  # Beam 2.78's state names without element_size_fn: no weight state
+
+            def process(  # type: ignore[misc]
+                self,
+                element: Any,
+                win: Any = beam.DoFn.WindowParam,
+                elements: Any = beam.DoFn.StateParam(elements_state),
+                count: Any = beam.DoFn.StateParam(count_state),
+                target: Any = beam.DoFn.StateParam(target_state),
+                sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
+                window_end: Any = beam.DoFn.TimerParam(window_timer),
+                buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
+            ) -> Iterator[Any]:
+                state = (elements, count, None, target, sizer_in_state, buffering_end)
+                return self._add(element, win, window_end, *state)
+
+            @on_timer(window_timer)
+            def on_window_end(
+                self,
+                elements: Any = beam.DoFn.StateParam(elements_state),
+                count: Any = beam.DoFn.StateParam(count_state),
+                target: Any = beam.DoFn.StateParam(target_state),
+                sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
+                buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
+            ) -> Iterator[Any]:
+                yield from self._flush(elements, count, None, target, sizer_in_state, buffering_end)
+
+            @on_timer(buffering_timer)
+            def on_buffering_end(
+                self,
+                elements: Any = beam.DoFn.StateParam(elements_state),
+                count: Any = beam.DoFn.StateParam(count_state),
+                target: Any = beam.DoFn.StateParam(target_state),
+                sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
+                buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
+            ) -> Iterator[Any]:
+                yield from self._flush(elements, count, None, target, sizer_in_state, buffering_end)
+
+        def _add(
             self,
             element: Any,
-            win: Any = beam.DoFn.WindowParam,
-            elements: Any = beam.DoFn.StateParam(elements_state),
-            count: Any = beam.DoFn.StateParam(count_state),
-            weight: Any = beam.DoFn.StateParam(weight_state),
-            target: Any = beam.DoFn.StateParam(target_state),
-            sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
-            window_end: Any = beam.DoFn.TimerParam(window_timer),
-            buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
+            win: Any,
+            window_end: Any,
+            elements: Any,
+            count: Any,
+            weight: Any,
+            target: Any,
+            sizer_in_state: Any,
+            buffering_end: Any,
         ) -> Iterator[Any]:
             window_end.set(win.end)
             value = element[1]  # the key only spreads the work; batches hold the values
             element_weight = sizing.element_weight(value)
+            element_load = sizing.element_load(value)
             goal = target.read()
             if goal is None:
                 sizer_in_state.write(sizing.sizer)
                 goal = sizing.target()
                 target.write(goal)
             state = (elements, count, weight, target, sizer_in_state, buffering_end)
-            if closes_first(count.read(), weight.read(), element_weight, goal):
+            load = float(weight.read()) if loaded else 0.0
+            if closes_first(
+                count.read(),
+                held_weight(count, weight),
+                element_weight,
+                goal,
+                load,
+                element_load,
+                sizing.max_load,
+            ):
                 yield from self._flush(*state)
                 goal = target.read()
             elements.add(value)
             count.add(1)
-            weight.add(element_weight)
+            if weight is not None:
+                weight.add(element_load if loaded else element_weight)
             if count.read() == 1 and max_buffering_secs > 0:
                 buffering_end.set(timing.now() + max_buffering_secs)
-            if is_full(weight.read(), goal):
+            load = float(weight.read()) if loaded else 0.0
+            if is_full(held_weight(count, weight), goal, load, sizing.max_load):
                 yield from self._flush(*state)
-
-        @on_timer(window_timer)
-        def on_window_end(
-            self,
-            elements: Any = beam.DoFn.StateParam(elements_state),
-            count: Any = beam.DoFn.StateParam(count_state),
-            weight: Any = beam.DoFn.StateParam(weight_state),
-            target: Any = beam.DoFn.StateParam(target_state),
-            sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
-            buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
-        ) -> Iterator[Any]:
-            yield from self._flush(elements, count, weight, target, sizer_in_state, buffering_end)
-
-        @on_timer(buffering_timer)
-        def on_buffering_end(
-            self,
-            elements: Any = beam.DoFn.StateParam(elements_state),
-            count: Any = beam.DoFn.StateParam(count_state),
-            weight: Any = beam.DoFn.StateParam(weight_state),
-            target: Any = beam.DoFn.StateParam(target_state),
-            sizer_in_state: Any = beam.DoFn.StateParam(sizer_state),
-            buffering_end: Any = beam.DoFn.TimerParam(buffering_timer),
-        ) -> Iterator[Any]:
-            yield from self._flush(elements, count, weight, target, sizer_in_state, buffering_end)
 
         def _flush(
             self,
@@ -342,10 +437,11 @@ def stateful_batching_dofn(
             batch = list(elements.read())
             if not batch:
                 return
-            batch_weight = weight.read()
+            batch_weight = held_weight(count, weight)
             elements.clear()
             count.clear()
-            weight.clear()
+            if weight is not None:
+                weight.clear()
             in_state = sizing.using(sizer_in_state.read() or sizing.sizer)
             yield from emit_timed(batch, batch_weight, in_state, timing, untimed=False)
             target.write(in_state.target())

@@ -56,32 +56,45 @@ MAX_PADDING = 0.1
 NO_OUTPUT: tuple[()] = ()
 
 
-def closes_first(count: int, held: float, weight: float, target: float) -> bool:
+def closes_first(
+    count: int,
+    held: float,
+    weight: float,
+    target: float,
+    load: float = 0.0,
+    element_load: float = 0.0,
+    max_load: float = math.inf,
+) -> bool:
     """Whether an element of ``weight`` closes a batch of ``count`` elements weighing ``held``
-    before it joins: it would take a non-empty batch past its ``target``.
+    before it joins: it would take a non-empty batch past its ``target``, or its ``load``
+    past ``max_load`` (``Sizing.load_fn``: Beam 2.78's ``max_batch_weight``).
 
     Example:
         >>> closes_first(0, 0.0, 9.0, 4.0), closes_first(3, 3.0, 2.0, 4.0)
         (False, True)
+        >>> closes_first(2, 2.0, 1.0, 3.0, load=8.0, element_load=4.0, max_load=10.0)
+        True
     """
-    return count > 0 and held + weight > target
+    return count > 0 and (held + weight > target or load + element_load > max_load)
 
 
-def is_full(held: float, target: float) -> bool:
-    """Whether a batch weighing ``held`` is full: it has reached its ``target``."""
-    return held >= target
+def is_full(held: float, target: float, load: float = 0.0, max_load: float = math.inf) -> bool:
+    """Whether a batch weighing ``held`` is full: it has reached its ``target``, or its
+    ``load`` has reached ``max_load``."""
+    return held >= target or load >= max_load
 
 
 class SizedBatch:
     """The elements of one batch being gathered, their total weight, and the weight at which
     the batch is full (chosen when it starts)."""
 
-    __slots__ = ("elements", "target", "weight")
+    __slots__ = ("elements", "load", "target", "weight")
 
     def __init__(self, target: float, elements: list[Any] | None = None, weight: float = 0.0):
         self.elements: list[Any] = [] if elements is None else elements
         self.weight = weight
         self.target = target
+        self.load = 0.0  # Sizing.load_fn's total, bounded apart (Beam 2.78's max_batch_weight)
 
 
 #: How a pool of gathered elements is cut into batches, each batch's target asked of the
@@ -153,10 +166,18 @@ class Gatherer:
         if self._rows:
             yield from self._add_rows(element, window)
             return
-        weight = self._sizing.element_weight(element)
+        sizing = self._sizing
+        weight = sizing.element_weight(element)
+        load = sizing.element_load(element)
         batch = self.batches.get(window)
         if batch is not None and closes_first(
-            len(batch.elements), batch.weight, weight, batch.target
+            len(batch.elements),
+            batch.weight,
+            weight,
+            batch.target,
+            batch.load,
+            load,
+            sizing.max_load * self._pool,
         ):
             del self.batches[window]
             yield from self._give_out(window, batch)
@@ -165,7 +186,8 @@ class Gatherer:
             batch = self.start(window)
         batch.elements.append(element)
         batch.weight += weight
-        if is_full(batch.weight, batch.target):
+        batch.load += load
+        if is_full(batch.weight, batch.target, batch.load, sizing.max_load * self._pool):
             del self.batches[window]
             yield from self._give_out(window, batch)
         elif len(self.batches) > internals.MAX_LIVE_WINDOWS:
@@ -199,7 +221,7 @@ class Gatherer:
         batches, self.batches = self.batches, {}
         self._global = None
         for window, batch in batches.items():
-            if self._cut is None and self._sizing.weight_fn is None and not self._rows:
+            if self._cut is None and self._sizing.unit and not self._rows:
                 batch.weight = len(batch.elements)  # not kept up by add_unit
             yield from self._give_out(window, batch)
 
@@ -247,16 +269,26 @@ def by_length(length: Callable[[Any], float]) -> Cut:
             while next_one < len(ordered):
                 longest, element = ordered[next_one]
                 weight = sizing.element_weight(element)
+                load = sizing.element_load(element)
                 count = len(batch.elements) + 1
                 padded_tokens = count * longest
                 if batch.elements and (
-                    closes_first(count - 1, batch.weight, weight, batch.target)
+                    closes_first(
+                        count - 1,
+                        batch.weight,
+                        weight,
+                        batch.target,
+                        batch.load,
+                        load,
+                        sizing.max_load,
+                    )
                     or count * max(heaviest, weight) > sizing.max_weight
                     or padded_tokens - (tokens + longest) > MAX_PADDING * padded_tokens
                 ):
                     break
                 batch.elements.append(element)
                 batch.weight += weight
+                batch.load += load
                 heaviest = max(heaviest, weight)
                 tokens += longest
                 next_one += 1

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from beam_turbo._beam import internals
 from beam_turbo._native import BatchSizer
 
 __all__ = [
@@ -97,18 +98,28 @@ class Sizing:
     weight_fn: Callable[[Any], float] | None = None
     max_weight: float = float("inf")
     key: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    #: An element's load: a second measure of a batch, bounded apart from its weight by
+    #: ``max_load`` (Beam 2.78's ``max_batch_weight``, where the weight counts elements and
+    #: ``element_size_fn`` gives the load: tokens, say). None: no load.
+    load_fn: Callable[[Any], float] | None = None
+    max_load: float = float("inf")
 
     @classmethod
     def from_batching_args(cls, args: Mapping[str, Any]) -> Sizing:
         """From ``BatchElements``' arguments or a handler's ``batch_elements_kwargs()``;
         arguments outside :data:`BATCHING_ARGS` are ignored."""
         weigh = args.get("element_size_fn")
+        weigh = None if weigh is unit_weight else weigh
         cap = args.get("max_batch_weight")
-        return cls(
-            BatchSizer(**{k: v for k, v in args.items() if k in SIZER_ARGS}),
-            weight_fn=None if weigh is unit_weight else weigh,
-            max_weight=float("inf") if cap is None else float(cap),
-        )
+        sizer = BatchSizer(**{k: v for k, v in args.items() if k in SIZER_ARGS})
+        if cap is not None and weigh is not None and internals.MAX_BATCH_WEIGHT_BOUNDS_APART:
+            return cls(sizer, load_fn=weigh, max_load=float(cap))
+        return cls(sizer, weight_fn=weigh, max_weight=float("inf") if cap is None else float(cap))
+
+    @property
+    def unit(self) -> bool:
+        """Whether every element weighs 1 and there is no load: batches are counted only."""
+        return self.weight_fn is None and self.load_fn is None
 
     def shared(self) -> Sizing:
         """This process's one sizing for the transform (the first to ask sets it)."""
@@ -126,6 +137,16 @@ class Sizing:
     def element_weight(self, element: Any) -> float:
         """One element's weight: 1, or ``element_size_fn``'s answer."""
         return 1.0 if self.weight_fn is None else float(self.weight_fn(element))
+
+    def element_load(self, element: Any) -> float:
+        """One element's load: 0, or ``element_size_fn``'s answer (see :attr:`load_fn`)."""
+        return 0.0 if self.load_fn is None else float(self.load_fn(element))
+
+    def batch_load(self, batch: Sequence[Any]) -> float:
+        """A batch's load: the sum of its elements'."""
+        if self.load_fn is None:
+            return 0.0
+        return float(sum(self.load_fn(element) for element in batch))
 
     def batch_weight(self, batch: Sequence[Any]) -> float:
         """A batch's size in the sizer's units: elements, or their total weight."""

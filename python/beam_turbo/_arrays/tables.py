@@ -154,13 +154,14 @@ class TableRows(Sequence[Any]):
 
         if len(self.pieces) == 1:
             return feature_matrix(self.pieces[0], columns, dtype)
-        first = feature_matrix(self.pieces[0], columns, dtype)
-        out = np.empty((self._length, first.shape[1]), first.dtype)
-        out[: len(first)] = first  # the first piece's matrix is small next to the batch
-        offset = len(first)
-        for piece in self.pieces[1:]:
+        # The matrix's width and dtype, from none of the rows: each piece is then copied once,
+        # into its rows of the one output.
+        shape = feature_matrix(slice_rows(self.pieces[0], 0, 0), columns, dtype)
+        out = np.empty((self._length, shape.shape[1]), shape.dtype)
+        offset = 0
+        for piece in self.pieces:
             count = row_count(piece)
-            feature_matrix(piece, columns, first.dtype, out=out[offset : offset + count])
+            feature_matrix(piece, columns, shape.dtype, out=out[offset : offset + count])
             offset += count
         return out
 

@@ -190,9 +190,8 @@ class Gatherer:
         if is_full(batch.weight, batch.target, batch.load, sizing.max_load * self._pool):
             del self.batches[window]
             yield from self._give_out(window, batch)
-        elif len(self.batches) > internals.MAX_LIVE_WINDOWS:
-            fullest = max(self.batches, key=lambda w: self.batches[w].weight)
-            yield from self._give_out(fullest, self.batches.pop(fullest))
+        else:
+            yield from self._past_the_window_limit()
 
     def _add_rows(self, table: Any, window: Any) -> Iterator[tuple[Any, SizedBatch]]:
         """A table's rows, cut where a batch fills: each part joins its window's batch."""
@@ -212,6 +211,10 @@ class Gatherer:
             if is_full(batch.weight, batch.target):
                 del self.batches[window]
                 yield from self._give_out(window, batch)
+        yield from self._past_the_window_limit()
+
+    def _past_the_window_limit(self) -> Iterator[tuple[Any, SizedBatch]]:
+        """The fullest batch, while more than ``MAX_LIVE_WINDOWS`` windows are gathering."""
         if len(self.batches) > internals.MAX_LIVE_WINDOWS:
             fullest = max(self.batches, key=lambda w: self.batches[w].weight)
             yield from self._give_out(fullest, self.batches.pop(fullest))

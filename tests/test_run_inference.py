@@ -988,3 +988,18 @@ def test_overlapping_pauses_still_collect_now_and_then(monkeypatch: pytest.Monke
         assert gc.isenabled()
     finally:
         gc.callbacks.remove(count)
+
+
+def test_a_batch_gathered_upstream_is_weighed_in_its_units_when_it_runs_out_of_memory() -> None:
+    """Beam's inference DoFn gets batches whose weight it did not gather (NaN): the part that
+    runs out of memory is weighed with the upstream sizing's element_size_fn, not counted."""
+    from beam_turbo._gathering.gatherer import SizedBatch
+    from beam_turbo._gathering.sizing import Sizing
+    from beam_turbo._running.runner import part_weight
+
+    weighted = Sizing.from_batching_args({"element_size_fn": len})
+    elements = ["aaa", "bb"]
+    assert part_weight(SizedBatch(0.0, elements, float("nan")), elements, weighted) == 5.0
+    assert part_weight(SizedBatch(0.0, elements, 7.0), elements, weighted) == 7.0
+    assert part_weight(SizedBatch(0.0, elements, 7.0), elements[:1], weighted) == 3.0
+    assert part_weight(SizedBatch(0.0, elements, float("nan")), elements, None) == 2.0

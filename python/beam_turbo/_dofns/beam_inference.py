@@ -7,6 +7,7 @@ keeps side inputs, the model manager, timeouts, subprocesses and cross-process m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -75,5 +76,7 @@ class BeamInferenceDoFn(internals.RunInferenceDoFn):
         def infer(part: Sequence[Any]) -> Any:
             return run_batch(part, inference_args)
 
-        gathered = SizedBatch(0.0, batch, float(len(batch)))
+        # Gathered upstream: its weight is not known here, and is weighed only if it runs out of
+        # memory (the BatchElements upstream is told it in its units).
+        gathered = SizedBatch(0.0, batch, math.nan)
         return self._runner.run(gathered, infer).outputs

@@ -17,6 +17,7 @@ DoFn does: the time to the sizer, Beam's metrics (``_MetricsCollector``) and bea
 from __future__ import annotations
 
 import dataclasses
+import math
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -113,7 +114,7 @@ class BatchRunner:
 
         def out_of_memory(part: Sequence[Any]) -> None:
             if self._on_oom is not None:
-                self._on_oom(self._weight(batch, part))
+                self._on_oom(part_weight(batch, part, self._sizing))
 
         run = infer
         isolate = self._isolate
@@ -135,10 +136,13 @@ class BatchRunner:
         finally:
             report_stack_time(self._stack_time)
 
-    def _weight(self, batch: SizedBatch, part: Sequence[Any]) -> float:
-        if part is batch.elements:
-            return batch.weight
-        return float(len(part)) if self._sizing is None else self._sizing.batch_weight(part)
+
+def part_weight(batch: SizedBatch, part: Sequence[Any], sizing: Sizing | None) -> float:
+    """A part's weight in the sizer's units: the gathered batch's own, when the part is all of
+    it and its weight is known (not NaN); else weighed (elements, without a sizing)."""
+    if part is batch.elements and not math.isnan(batch.weight):
+        return batch.weight
+    return float(len(part)) if sizing is None else sizing.batch_weight(part)
 
 
 def _dead_lettered(outputs: list[Any]) -> int:
@@ -231,11 +235,11 @@ class HandlerInference:
         self._sizing = sizing
         self._inference_args = inference_args
         self._batch_size = Metrics.distribution(namespace, BATCH_SIZE_METRIC)
-        self._whole: tuple[Sequence[Any], float] = ((), 0.0)  # the batch running, its weight
+        self._batch = SizedBatch(0.0)  # the batch running
 
     def of(self, batch: SizedBatch) -> Infer:
         """The :data:`Infer` for ``batch``'s parts (its weight known, its parts' weighed)."""
-        self._whole = (batch.elements, batch.weight)
+        self._batch = batch
         return self.__call__
 
     def run(self, part: Sequence[Any], model: Any) -> list[Any]:
@@ -257,10 +261,7 @@ class HandlerInference:
                 metrics.failed_batches_counter.inc()
             raise
         elapsed_ns = self._clock.time_ns() - start
-        whole, weight = self._whole
-        self._sizing.record(
-            weight if part is whole else self._sizing.batch_weight(part), elapsed_ns / 1e9
-        )
+        self._sizing.record(part_weight(self._batch, part, self._sizing), elapsed_ns / 1e9)
         self._batch_size.update(len(part))
         if metrics is not None:
             metrics.update(len(part), self.num_bytes(part), elapsed_ns // 1000)

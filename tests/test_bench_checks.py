@@ -71,3 +71,38 @@ def test_bench_handlers_names_a_result_unlike_beams(tmp_path: Path) -> None:
     model = right.beam.load_model()
     assert handlers_bench.difference(right, model, model) is None
     assert "result 0 is" in str(handlers_bench.difference(wrong, model, model))
+
+
+def test_bench_e2e_simulated_exits_1_on_a_result_paired_with_another_element(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from beam_turbo.bench import simulated
+
+    free = simulated.Variant("free", "free", "turbo", 0.0)
+    assert simulated.check([free], simulated.CHUNK)  # the model gives each element back
+
+    def shifted(self: simulated.SimulatedModel, batch: Any) -> Any:
+        return [*batch[1:], *batch[:1]]  # each result paired with the next element
+
+    monkeypatch.setattr(simulated.SimulatedModel, "__call__", shifted)
+    monkeypatch.setattr(
+        simulated, "variants", lambda secs: [simulated.Variant("floor", "", "floor"), free]
+    )
+    args = argparse.Namespace(quick=True, sizes=[2_000, 4_000], rounds=1, per_element_us=0.0)
+    assert simulated.run(args) == 1
+    found = capsys.readouterr()
+    assert "WRONG RESULT: free: element" in found.err
+    assert "is not its input" in found.err
+
+
+def test_the_simulated_check_names_lost_and_extra_results() -> None:
+    from beam_turbo.bench import simulated
+
+    found = {key: [float(v) for v in row] for key, row in simulated.generate(0, keyed=True)}
+    assert simulated.wrong_results(dict(found), simulated.CHUNK) == []
+    del found[7]
+    found[simulated.CHUNK] = [0.0]
+    assert simulated.wrong_results(found, simulated.CHUNK) == [
+        "element 7: no result",
+        f"element {simulated.CHUNK}: a result for no input",
+    ]

@@ -387,10 +387,17 @@ def peak_resident_mib(framework: str, which: str, elements: int) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--framework",
-        choices=sorted([*GOALS, *REAL_MODELS]),
+        choices=sorted([*GOALS, *REAL_MODELS, "simulated"]),
         default="sklearn",
-        help="a small model of each framework, or a real model (minilm, mobilenet: "
-        "see docs/benchmarks.md; each variant runs in a process of its own)",
+        help="a small model of each framework, a real model (minilm, mobilenet: "
+        "see docs/benchmarks.md; each variant runs in a process of its own), or a simulated "
+        "accelerator (simulated: a model that sleeps outside the GIL)",
+    )
+    parser.add_argument(
+        "--per-element-us",
+        type=float,
+        default=2.0,
+        help="simulated: the accelerator's time per element, in microseconds (default 2)",
     )
     parser.add_argument("--quick", action="store_true", help="smaller runs, one round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is shown)")
@@ -419,6 +426,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.framework == "simulated":
+        from beam_turbo.bench import simulated
+
+        return simulated.run(args)
     if args.framework in REAL_MODELS:
         from beam_turbo.bench import real_models
 

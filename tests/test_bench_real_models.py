@@ -148,3 +148,12 @@ def test_the_quick_benchmark_runs_every_variant_and_their_outputs_agree(
     out = capsys.readouterr().out
     for variant in ("stock-pad", "turbo"):
         assert f"{variant}: the same for all 16 sentences" in out
+
+
+def test_a_serial_variant_is_found_by_name_in_a_worker() -> None:
+    """``--serial`` adds ``turbo-serial``: a worker finds it by name, beam-turbo serial."""
+    serial = minilm.MODEL.variant("turbo-serial")
+    assert (serial.turbo, serial.in_flight, serial.repeats) == (True, 0, 4)
+    assert minilm.MODEL.variant("turbo").in_flight is None
+    with pytest.raises(StopIteration):
+        mobilenet.MODEL.variant("none-serial")

@@ -32,7 +32,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_turbo._beam import internals
 from beam_turbo._running.runner import BATCH_SIZE_METRIC, BATCH_TARGET_METRIC
 from beam_turbo.bench._timing import print_table
-from beam_turbo.bench.real_models import REAL_MODELS
+from beam_turbo.bench.real_models import REAL_MODELS, has_batches_in_flight
 
 CHUNK = 2_000  # elements generated per seed
 MAX_LARGE = 50_000_000  # the most elements a large run grows to (see per_element_secs)
@@ -52,16 +52,19 @@ class Framework:
     features: int = 16  # each element is float32[features]
 
 
-def make_framework(name: str, folder: str, *, tree: bool = False) -> Framework:
+def make_framework(name: str, folder: str, *, tree: bool = False, device: str = "cpu") -> Framework:
     """Build the model on the spot and save it where both handlers load it from: a linear
     model on float32[16] (``sklearn``, ``torch``, ``tensorflow``), or ``torch-mlp``, a
-    256-1024-1024-10 ReLU network on float32[256].
+    256-1024-1024-10 ReLU network on float32[256]. ``device`` (``cpu`` or ``cuda``) is
+    where the torch models run: both handlers' and the bare model's.
 
     scikit-learn's model is linear, or with ``tree`` a decision tree: a linear model's
     predictions for a row may differ in the last bit with the batch it is in (BLAS kernels
     sum in a different order at different batch sizes); a tree's cannot.
     """
     rng = np.random.default_rng(0)
+    if device != "cpu" and name not in ("torch", "torch-mlp"):
+        raise ValueError(f"--device {device}: only the torch models run off the CPU, not {name}")
     if name == "sklearn":
         from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
         from sklearn.linear_model import LinearRegression
@@ -105,11 +108,16 @@ def make_framework(name: str, folder: str, *, tree: bool = False) -> Framework:
             "state_dict_path": path,
             "model_class": model_class,
             "model_params": params,
+            "device": "GPU" if device == "cuda" else "CPU",  # Beam's names, which both take
         }
+        net = net.to(device)
 
         def bare_torch(batch: torch.Tensor) -> object:
             with torch.no_grad():
-                return net(batch)
+                out = net(batch)
+            if device != "cpu":
+                torch.cuda.synchronize()  # the call returns before the device is done
+            return out
 
         return Framework(
             name,
@@ -117,7 +125,7 @@ def make_framework(name: str, folder: str, *, tree: bool = False) -> Framework:
             PytorchModelHandlerTensor(**spec),
             turbo_pytorch.PytorchModelHandlerTensor(**spec),
             bare_torch,
-            torch.stack,
+            lambda batch: torch.stack(batch).to(device),
             exact=False,
             features=features,
         )
@@ -247,7 +255,8 @@ def run_pipeline(
 ) -> float:
     """Run one pipeline over ``elements`` generated elements; its wall time in seconds.
 
-    ``which`` is ``stock``, ``turbo`` or ``floor`` (an identity ``Map`` for RunInference).
+    ``which`` is ``stock``, ``turbo``, ``turbo-serial`` (beam-turbo with
+    ``with_batches_in_flight(0)``) or ``floor`` (an identity ``Map`` for RunInference).
     With ``reported``, the SDK workers' peak resident memory and batch sizes are added to it
     (a runner's workers, not this process).
     """
@@ -270,7 +279,10 @@ def run_pipeline(
         transform = base.RunInference if which == "stock" else RunInference
         if keyed:
             handler = base.KeyedModelHandler(handler)
-        results = examples | "RunInference" >> transform(handler)
+        inference = transform(handler)
+        if which == "turbo-serial":
+            inference = inference.with_batches_in_flight(0)
+        results = examples | "RunInference" >> inference
     if reported is not None:
         results = results | "Peak memory" >> beam.ParDo(_ReportPeakMemory())
     if output is not None:
@@ -363,20 +375,21 @@ GOALS = {
 _PEAK_SCRIPT = """
 import resource, sys, tempfile
 from beam_turbo.bench import e2e
-framework_name, which, elements = sys.argv[1], sys.argv[2], int(sys.argv[3])
+framework_name, which, elements, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 with tempfile.TemporaryDirectory() as folder:
-    e2e.run_pipeline(e2e.make_framework(framework_name, folder), which, elements)
+    framework = e2e.make_framework(framework_name, folder, device=device)
+    e2e.run_pipeline(framework, which, elements)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def peak_resident_mib(framework: str, which: str, elements: int) -> float:
+def peak_resident_mib(framework: str, which: str, elements: int, device: str = "cpu") -> float:
     """Peak resident memory (MiB) of a fresh process that runs one pipeline."""
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, framework, which, str(elements)],
+        [sys.executable, "-c", _PEAK_SCRIPT, framework, which, str(elements), device],
         check=True,
         capture_output=True,
         text=True,
@@ -398,6 +411,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="simulated: the accelerator's time per element, in microseconds (default 2)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the torch models run (torch, torch-mlp, minilm, mobilenet; default cpu)",
+    )
+    parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="also run beam-turbo serial (with_batches_in_flight(0)) beside its default, "
+        "batches in flight, where this build has it",
     )
     parser.add_argument("--quick", action="store_true", help="smaller runs, one round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is shown)")
@@ -442,11 +467,15 @@ def run(args: argparse.Namespace) -> int:
     runner = next((o.split("=", 1)[-1] for o in options if o.startswith("--runner")), None)
     # On a runner, the pipelines run in its SDK workers, which report their peak memory (the
     # floor's too, so that all three pay for the step that reports it) and batch sizes.
-    pipelines = ("floor", "stock", "turbo")
+    pipelines: tuple[str, ...] = ("floor", "stock", "turbo")
+    if args.serial and has_batches_in_flight():
+        pipelines += ("turbo-serial",)
+    elif args.serial:
+        print("(this build has no with_batches_in_flight: beam-turbo is serial, run once)")
     reported = {which: Reported() if runner is not None else None for which in pipelines}
     min_work = args.min_work_secs if args.min_work_secs is not None else 30.0 if runner else 0.0
     with tempfile.TemporaryDirectory() as folder:
-        framework = make_framework(args.framework, folder)
+        framework = make_framework(args.framework, folder, device=args.device)
         measured = {
             which: per_element_secs(
                 framework, which, small, large, rounds, options, reported[which], min_work
@@ -454,14 +483,15 @@ def run(args: argparse.Namespace) -> int:
             for which in pipelines
         }
         ideal = measured["floor"][0] + bare_per_element_secs(framework)
-    floor, stock, turbo = (measured[which][0] for which in pipelines)
+    floor, stock, turbo = (measured[which][0] for which in ("floor", "stock", "turbo"))
     goal_ratio, goal_ideal = GOALS[args.framework]
     grown = any(measured[which][1] != large for which in pipelines)
     sizes = f"{small:,} and {large:,} elements"
     if grown:
         sizes = f"{small:,} elements and a large run at least {min_work:g} s longer"
     where = runner or "the DirectRunner"
-    print(f"end to end on {where}, {args.framework}, slope between {sizes}\n")
+    on = f" on {args.device}" if args.device != "cpu" else ""
+    print(f"end to end on {where}, {args.framework}{on}, slope between {sizes}\n")
     rows = [
         ["floor (identity Map)", f"{1 / floor:,.0f}", "", ""],
         ["ideal (floor + bare model)", f"{1 / ideal:,.0f}", "1.00", ""],
@@ -473,6 +503,17 @@ def run(args: argparse.Namespace) -> int:
             f"{stock / turbo:.2f}x (goal >= {goal_ratio}x)",
         ],
     ]
+    if "turbo-serial" in measured:
+        serial = measured["turbo-serial"][0]
+        rows[-1][0] += ", batches in flight"
+        rows.append(
+            [
+                "beam-turbo RunInference, serial",
+                f"{1 / serial:,.0f}",
+                f"{ideal / serial:.2f}",
+                f"{stock / serial:.2f}x; in flight {serial / turbo:.2f}x serial",
+            ]
+        )
     headers = ["pipeline", "elements/s", "fraction of ideal", "vs stock"]
     if runner is None:
         print_table(headers, rows)
@@ -493,7 +534,10 @@ def run(args: argparse.Namespace) -> int:
             "the large runs"
         )
         return 0
-    peak = {which: peak_resident_mib(args.framework, which, large) for which in ("stock", "turbo")}
+    peak = {
+        which: peak_resident_mib(args.framework, which, large, args.device)
+        for which in ("stock", "turbo")
+    }
     print(
         f"\npeak resident memory, one pipeline of {large:,} elements in a fresh process: "
         f"stock {peak['stock']:.0f} MiB, beam-turbo {peak['turbo']:.0f} MiB, "

@@ -31,6 +31,7 @@ from beam_turbo.bench.real_models import (
     Variant,
     best_rate,
     keyed_elements,
+    turbo_inference,
 )
 
 CHUNK = 16  # sentences generated per seed
@@ -109,7 +110,7 @@ def mean_pool(keyed: tuple[int, Any]) -> tuple[int, np.ndarray[Any, Any]]:
     import torch
 
     key, result = keyed
-    states = result.inference["last_hidden_state"]
+    states = result.inference["last_hidden_state"].cpu()  # from the GPU, if it ran there
     mask = result.example["attention_mask"][: states.shape[0]].to(states.dtype)
     with torch.no_grad():
         pooled = (states * mask[:, None]).sum(0) / mask.sum()
@@ -123,14 +124,17 @@ def bare(spec: dict[str, Any], chunks: list[int], batch_sizes: Sequence[int]) ->
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    device = spec.get("device", "cpu")
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])  # type: ignore[no-untyped-call]
-    model = AutoModel.from_pretrained(spec["model_dir"]).eval()
+    model = AutoModel.from_pretrained(spec["model_dir"]).eval().to(device)
     texts = sorted((s for seed in chunks for s in sentences(seed)), key=len)
 
     def run(inputs: list[Any]) -> None:
         with torch.no_grad():
             for encoded in inputs:
-                model(**encoded)
+                model(**encoded.to(device))  # on a GPU, the host-to-device copy counts
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     rates = {}
     for size in (1, *batch_sizes):
@@ -164,6 +168,7 @@ def build(
     from transformers import AutoModel
 
     model_dir = spec["model_dir"]
+    device = "GPU" if spec.get("device") == "cuda" else "CPU"  # Beam's names, which both take
     examples = (
         pipeline
         | "Seeds" >> beam.Create(list(enumerate(chunks)))
@@ -176,17 +181,18 @@ def build(
         from transformers import AutoTokenizer
 
         from beam_turbo.huggingface import HuggingFaceModelHandlerKeyedTensor, token_pad_values
-        from beam_turbo.inference import RunInference
 
         handler = HuggingFaceModelHandlerKeyedTensor(
             model_uri=model_dir,
             model_class=AutoModel,
             framework="pt",
+            device=device,
             pad_values=token_pad_values(
                 AutoTokenizer.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
             ),
         )
-        results = examples | "RunInference" >> RunInference(base.KeyedModelHandler(handler))
+        keyed = base.KeyedModelHandler(handler)
+        results = examples | "RunInference" >> turbo_inference(keyed, variant)
     else:
         from apache_beam.ml.inference import huggingface_inference
 
@@ -194,6 +200,7 @@ def build(
             model_uri=model_dir,
             model_class=AutoModel,
             framework="pt",
+            device=device,
             **({"max_batch_size": 1} if variant.name == "stock-1" else {}),
         )
         results = examples | "RunInference" >> base.RunInference(base.KeyedModelHandler(handler))

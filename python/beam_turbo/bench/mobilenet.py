@@ -24,6 +24,7 @@ from beam_turbo.bench.real_models import (
     Variant,
     best_rate,
     keyed_elements,
+    turbo_inference,
 )
 
 CHUNK = 16  # images generated per seed
@@ -76,7 +77,7 @@ def decode(keyed: tuple[int, bytes]) -> tuple[int, Any]:
 def logits(keyed: tuple[int, Any]) -> tuple[int, np.ndarray[Any, Any]]:
     """The 1,000 class scores of one result, as numpy."""
     key, result = keyed
-    return key, result.inference.numpy()
+    return key, result.inference.cpu().numpy()
 
 
 def bare(spec: dict[str, Any], chunks: list[int], batch_sizes: Sequence[int]) -> dict[str, float]:
@@ -85,15 +86,18 @@ def bare(spec: dict[str, Any], chunks: list[int], batch_sizes: Sequence[int]) ->
     import torch
     import torchvision
 
+    device = spec.get("device", "cpu")
     model = torchvision.models.mobilenet_v2(weights=None)
     model.load_state_dict(torch.load(spec["state_dict_path"]))
-    model.eval()
+    model.eval().to(device)
     images = [decode((0, image))[1] for seed in chunks for image in jpeg_images(seed)]
 
     def run(inputs: list[Any]) -> None:
         with torch.no_grad():
             for batch in inputs:
-                model(batch)
+                model(batch.to(device))  # on a GPU, the host-to-device copy counts
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     rates = {}
     for size in (1, *batch_sizes):
@@ -136,6 +140,7 @@ def build(
         "state_dict_path": spec["state_dict_path"],
         "model_class": torchvision.models.mobilenet_v2,
         "model_params": {"weights": None},
+        "device": "GPU" if spec.get("device") == "cuda" else "CPU",  # Beam's names
     }
     images = (
         pipeline
@@ -144,11 +149,10 @@ def build(
         | "Decode" >> beam.Map(decode)
     )
     if variant.turbo:
-        from beam_turbo.inference import RunInference
         from beam_turbo.pytorch import PytorchModelHandlerTensor
 
         handler = base.KeyedModelHandler(PytorchModelHandlerTensor(**handler_args))
-        results = images | "RunInference" >> RunInference(handler)
+        results = images | "RunInference" >> turbo_inference(handler, variant)
     else:
         from apache_beam.ml.inference import pytorch_inference
 

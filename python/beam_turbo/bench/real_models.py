@@ -51,6 +51,28 @@ class Variant:
     label: str
     repeats: int = 1  # the large run covers the timed elements this many times
     turbo: bool = False
+    in_flight: int | None = None  # beam-turbo's batches in flight (None: its default)
+
+
+#: The name suffix of a beam-turbo variant run serial (``--serial``).
+SERIAL = "-serial"
+
+
+def serial_variant(variant: Variant) -> Variant:
+    """beam-turbo's ``variant`` with ``with_batches_in_flight(0)``: serial."""
+    return Variant(
+        variant.name + SERIAL, variant.label + ", serial", variant.repeats, True, in_flight=0
+    )
+
+
+def turbo_inference(handler: Any, variant: Variant) -> Any:
+    """beam-turbo's ``RunInference(handler)`` with ``variant``'s batches in flight."""
+    from beam_turbo.inference import RunInference
+
+    transform = RunInference(handler)
+    if variant.in_flight is not None:
+        transform = transform.with_batches_in_flight(variant.in_flight)
+    return transform
 
 
 @dataclass(frozen=True)
@@ -87,7 +109,16 @@ class RealModel:
     bare_batches: str = ""  # how the bare model's batches are made, if not plain stacking
 
     def variant(self, name: str) -> Variant:
+        if name.endswith(SERIAL):
+            return serial_variant(self.variant(name.removesuffix(SERIAL)))
         return next(v for v in self.variants if v.name == name)
+
+
+def has_batches_in_flight() -> bool:
+    """Whether this build's RunInference has ``with_batches_in_flight``."""
+    from beam_turbo.inference import RunInference
+
+    return hasattr(RunInference, "with_batches_in_flight")
 
 
 def load(name: str) -> RealModel:
@@ -262,14 +293,15 @@ def measure(
     options: Sequence[str] = (),
     say: Callable[[str], None] = print,
     bare: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Measured]:
     """Time each variant (``rounds`` rounds of a small and a large run, variants in turn),
     check its outputs over the first ``small`` elements against the first variant's, and
     read its peak memory; with ``bare``, time the model alone in the first variant's worker
-    over the elements between ``small`` and ``large``."""
+    over the elements between ``small`` and ``large``. The model runs on ``device``."""
     found = {v.name: Measured() for v in variants}
     with tempfile.TemporaryDirectory() as folder:
-        spec = model.prepare(folder)
+        spec = {**model.prepare(folder), "device": device}
         workers = [
             Worker(framework, v.name, spec, options, os.path.join(folder, f"{v.name}.log"))
             for v in variants
@@ -441,12 +473,20 @@ def bench(args: argparse.Namespace) -> int:
     model = load(args.framework)
     small, large = model.sizes["quick" if args.quick else "full"]
     rounds = 1 if args.quick else args.rounds
-    print(f"{model.title}: {len(model.variants)} variants, each in a process of its own")
+    variants = list(model.variants)
+    if getattr(args, "serial", False):
+        if has_batches_in_flight():
+            variants += [serial_variant(v) for v in model.variants if v.turbo]
+        else:
+            print("(this build has no with_batches_in_flight: beam-turbo is serial, run once)")
+    device = getattr(args, "device", "cpu")
+    on = f", on {device}" if device != "cpu" else ""
+    print(f"{model.title}: {len(variants)} variants, each in a process of its own{on}")
     start = time.perf_counter()
     found = measure(
-        model, args.framework, model.variants, small, large, rounds, bare=not args.quick
+        model, args.framework, variants, small, large, rounds, bare=not args.quick, device=device
     )
-    same = print_results(model, model.variants, found, small, large, rounds)
+    same = print_results(model, variants, found, small, large, rounds)
     print(f"\nthe whole benchmark took {time.perf_counter() - start:.0f} s")
     return 0 if same else 1
 

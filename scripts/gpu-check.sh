@@ -149,12 +149,12 @@ if [ "$mode" = gpu ]; then
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits \
         -lms 500 >"$work/util.csv" 2>/dev/null &
     smi_pid=$!
-    # Budget: 60 + 30 + 100 + 130 + 130 = 450 s, within 8 minutes with the start-up.
+    # Budget: 60 + 30 + 90 + 150 + 130 = 460 s, within 8 minutes with the start-up.
     part "gpu tests" 60 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider "${gpu_tests[@]}"
     part "host-to-device bandwidth" 30 "$PY" scripts/gpu_bandwidth.py
-    part "torch MLP on CUDA" 100 "${BENCH[@]}" --framework torch-mlp --device cuda --serial \
-        --rounds 2 --sizes 20000 100000
-    part "MiniLM on CUDA" 130 "${BENCH[@]}" --framework minilm --device cuda --serial --rounds 2
+    part "torch MLP on CUDA" 90 "${BENCH[@]}" --framework torch-mlp --device cuda --serial \
+        --rounds 3 --sizes 20000 80000
+    part "MiniLM on CUDA" 150 "${BENCH[@]}" --framework minilm --device cuda --serial --rounds 2
     part "MobileNetV2 on CUDA" 130 "${BENCH[@]}" --framework mobilenet --device cuda --serial --rounds 2
 else
     part "gpu tests (skip cleanly)" 120 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider "${gpu_tests[@]}"

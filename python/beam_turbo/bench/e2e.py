@@ -111,6 +111,10 @@ def make_framework(name: str, folder: str, *, tree: bool = False, device: str = 
             "device": "GPU" if device == "cuda" else "CPU",  # Beam's names, which both take
         }
         net = net.to(device)
+        if device != "cpu":  # CUDA's start-up and its libraries' first call, before timing
+            with torch.no_grad():
+                net(torch.zeros((1, features), device=device))
+            torch.cuda.synchronize()
 
         def bare_torch(batch: torch.Tensor) -> object:
             with torch.no_grad():

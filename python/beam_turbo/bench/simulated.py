@@ -201,6 +201,7 @@ def wrong_results(found: dict[int, list[float]], elements: int) -> list[str]:
 @dataclass
 class Measured:
     slopes: list[float]
+    rounds: list[float]  # each round's rate, NaN where it gave no slope
     mean_batch: float = math.nan
 
     @property
@@ -216,13 +217,14 @@ def measure(
     variants in turn within each round (after one untimed small run of each)."""
     for variant in runs:
         run_pipeline(variant, small)
-    found = {v.name: Measured([]) for v in runs}
+    found = {v.name: Measured([], []) for v in runs}
     for n in range(rounds):
         for variant in runs:
             t_small = run_pipeline(variant, small)["seconds"]
             t_large = run_pipeline(variant, large)
             slope = (t_large["seconds"] - t_small) / (large - small)
             found[variant.name].mean_batch = t_large["mean_batch"]
+            found[variant.name].rounds.append(1 / slope if slope > 0 else math.nan)
             if slope > 0:  # else the machine's load swamped the difference
                 found[variant.name].slopes.append(slope)
             rate = f"{1 / slope:,.0f} el/s" if slope > 0 else "no slope (noise)"
@@ -306,14 +308,38 @@ def run(args: argparse.Namespace) -> int:
         )
     print()
     print_table(["pipeline", "elements/s", "vs floor", "mean batch"], rows)
-    print(ratios(rate, alone))
+    per_round = [{name: m.rounds[n] for name, m in found.items()} for n in range(rounds)]
+    print(ratios(rate, alone, per_round))
     print(f"\noutputs: every element's result {'right' if right else 'NOT right'}, each variant")
     return 0 if right else 1
 
 
-def ratios(rate: dict[str, float], alone: float) -> str:
-    """The goals' ratios: the simulated accelerator against the slower of the model alone
-    and the free pipeline, and against the serial best; the free pipeline against the floor.
+def goal_ratios(rate: dict[str, float], alone: float) -> dict[str, float]:
+    """The goals' ratios from pipelines' rates and the model alone's: ``overlap``, simulated /
+    min(model alone, free); ``best``, simulated against the serial best 1 / (1/free-serial +
+    1/model alone) (free's where there is no serial run), and ``serial-best`` for
+    simulated-serial; ``free``, free / floor.
+
+    Example:
+        >>> goal_ratios({"floor": 500.0, "free": 250.0, "simulated": 150.0}, 500.0)["overlap"]
+        0.6
+    """
+    free, simulated = rate["free"], rate["simulated"]
+    serial_best = 1 / (1 / rate.get("free-serial", free) + 1 / alone)
+    found = {
+        "overlap": simulated / min(alone, free),
+        "serial best": serial_best,
+        "best": simulated / serial_best,
+        "free": free / rate["floor"],
+    }
+    if "simulated-serial" in rate:
+        found["serial-best"] = rate["simulated-serial"] / serial_best
+    return found
+
+
+def ratios(rate: dict[str, float], alone: float, rounds: Sequence[dict[str, float]] = ()) -> str:
+    """The goals' ratios (:func:`goal_ratios`) of the median rates, each with its range over
+    ``rounds`` (each round's rates: its pipelines ran side by side, under the same load).
 
     Example:
         >>> print(ratios({"floor": 500.0, "free": 250.0, "simulated": 150.0}, 500.0))
@@ -322,36 +348,32 @@ def ratios(rate: dict[str, float], alone: float) -> str:
           serial best 1 / (1/free + 1/model alone) = 167: simulated is 0.90 of it
           free / floor = 250 / 500 = 0.50 (goal >= 0.7, missed)
     """
-
-    def verdict(ratio: float, goal: float) -> str:
-        if math.isnan(ratio):
-            return f"goal >= {goal}, n/a: a pipeline gave no slope (noise)"
-        return f"goal >= {goal}, {'met' if ratio >= goal else 'missed'}"
-
     if not {"floor", "free", "simulated"} <= rate.keys():
         return ""  # a run of fewer pipelines (a test's)
+    found = goal_ratios(rate, alone)
+    per_round = [goal_ratios(r, alone) for r in rounds]
+
+    def ratio(name: str, goal: float | None = None) -> str:
+        text = f"{found[name]:.2f}"
+        spread = sorted(r[name] for r in per_round if not math.isnan(r[name]))
+        if len(spread) > 1:
+            text += f" (rounds {spread[0]:.2f}-{spread[-1]:.2f})"
+        if goal is not None and math.isnan(found[name]):
+            text += f" (goal >= {goal}, n/a: a pipeline gave no slope)"
+        elif goal is not None:
+            text += f" (goal >= {goal}, {'met' if found[name] >= goal else 'missed'})"
+        return text
+
     free, simulated = rate["free"], rate["simulated"]
-    slower = min(alone, free)
-    free_serial = rate.get("free-serial", free)
-    serial_best = 1 / (1 / free_serial + 1 / alone)
-    overlap = simulated / slower
-    lines = [
-        "",
-        f"goals: simulated / min(model alone, free) = {simulated:,.0f} / {slower:,.0f} = "
-        f"{overlap:.2f} ({verdict(overlap, GOAL_OVERLAP)})",
-    ]
     serial = "free-serial" if "free-serial" in rate else "free"
-    lines.append(
-        f"  serial best 1 / (1/{serial} + 1/model alone) = {serial_best:,.0f}: simulated is "
-        f"{simulated / serial_best:.2f} of it"
-        + (
-            f", simulated-serial {rate['simulated-serial'] / serial_best:.2f}"
-            if "simulated-serial" in rate
-            else ""
-        )
+    also = f", simulated-serial {ratio('serial-best')}" if "serial-best" in found else ""
+    return "\n".join(
+        [
+            "",
+            f"goals: simulated / min(model alone, free) = {simulated:,.0f} / "
+            f"{min(alone, free):,.0f} = {ratio('overlap', GOAL_OVERLAP)}",
+            f"  serial best 1 / (1/{serial} + 1/model alone) = {found['serial best']:,.0f}: "
+            f"simulated is {ratio('best')} of it{also}",
+            f"  free / floor = {free:,.0f} / {rate['floor']:,.0f} = {ratio('free', GOAL_FREE)}",
+        ]
     )
-    lines.append(
-        f"  free / floor = {free:,.0f} / {rate['floor']:,.0f} = {free / rate['floor']:.2f} "
-        f"({verdict(free / rate['floor'], GOAL_FREE)})"
-    )
-    return "\n".join(lines)

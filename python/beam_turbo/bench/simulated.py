@@ -253,7 +253,7 @@ def check(runs: Sequence[Variant], elements: int) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """``beam-turbo bench e2e --framework simulated``."""
-    small, large = (10_000, 60_000) if args.quick else (20_000, 200_000)
+    small, large = (10_000, 60_000) if args.quick else (20_000, 400_000)
     if args.sizes:
         small, large = args.sizes
     if small < CHUNK or large <= small:

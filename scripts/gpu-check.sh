@@ -67,7 +67,7 @@ write_report() {
                 echo "| $name | $result | $took |"
             fi
         done
-        [ "$mode" != gpu ] || echo -e "\nGPU samples: nvidia-smi every 0.5 s over each part (\`$work\` is removed)."
+        [ "$mode" != gpu ] || echo -e "\nGPU columns: nvidia-smi's samples every 0.5 s over each part's time."
         for row in "${parts[@]}"; do
             IFS='|' read -r name result took _ _ <<<"$row"
             echo

@@ -35,6 +35,7 @@ from beam_turbo._dofns.keyed_state import keying_dofn, stateful_inference_dofn
 from beam_turbo._gathering.gatherer import POOL_BATCHES, by_length, unkeyed_length
 from beam_turbo._gathering.sizing import BATCHING_ARGS, LENGTH_ARGS, STREAMING_ARGS, Sizing
 from beam_turbo._running.dead_letters import DEAD_LETTER_TAG, MAIN_TAG, check_threshold
+from beam_turbo._running.flight import DEFAULT_BATCHES_IN_FLIGHT
 from beam_turbo._running.tables import check_scores_tables
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
@@ -118,6 +119,26 @@ class RunInference(base.RunInference):
         self._model_load_backoff_secs = model_load_backoff_secs
         self._isolate_failures = False
         self._tables: TableSpec | None = None
+        self._batches_in_flight = DEFAULT_BATCHES_IN_FLIGHT
+
+    def with_batches_in_flight(self, batches: int) -> RunInference:
+        """How many batches run on an inference thread while the next is gathered (default
+        1: one ahead); 0 runs each batch as it is gathered, on the DoFn's thread. In flight,
+        the model's time overlaps Beam's per-element work wherever the model releases the GIL
+        (PyTorch, TensorFlow, a device; see docs/run-inference.md for when it gains). Results
+        in the global window then come out with a later element of the bundle, or at the end
+        of the window at the bundle's end. Batching across bundles
+        (``max_batch_duration_secs``) and Beam's two steps run each batch as it is gathered.
+
+        Example:
+            >>> # examples | RunInference(handler).with_batches_in_flight(0)  # serial
+        """
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+            raise InvalidInputError(
+                f"with_batches_in_flight takes an int >= 0 (0: serial), got {batches!r}"
+            )
+        self._batches_in_flight = batches
+        return self
 
     def with_tables(
         self,
@@ -275,6 +296,8 @@ class RunInference(base.RunInference):
             exc_class=self._exc_class if self._with_exception_handling else None,
             isolate_failures=self._isolate_failures,
             tables=self._tables,
+            # Across bundles a batch is run where a timer or an element closes it.
+            in_flight=0 if "max_batch_duration_secs" in batching_args else self._batches_in_flight,
         )
         max_buffering_secs = batching_args.get("max_batch_duration_secs")
         length_fn = batching_args.get("length_fn")

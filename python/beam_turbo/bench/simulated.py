@@ -318,7 +318,7 @@ def goal_ratios(rate: dict[str, float], alone: float) -> dict[str, float]:
     """The goals' ratios from pipelines' rates and the model alone's: ``overlap``, simulated /
     min(model alone, free); ``best``, simulated against the serial best 1 / (1/free-serial +
     1/model alone) (free's where there is no serial run), and ``serial-best`` for
-    simulated-serial; ``free``, free / floor.
+    simulated-serial, and ``in flight``, simulated / simulated-serial; ``free``, free / floor.
 
     Example:
         >>> goal_ratios({"floor": 500.0, "free": 250.0, "simulated": 150.0}, 500.0)["overlap"]
@@ -334,6 +334,7 @@ def goal_ratios(rate: dict[str, float], alone: float) -> dict[str, float]:
     }
     if "simulated-serial" in rate:
         found["serial-best"] = rate["simulated-serial"] / serial_best
+        found["in flight"] = simulated / rate["simulated-serial"]
     return found
 
 
@@ -375,5 +376,10 @@ def ratios(rate: dict[str, float], alone: float, rounds: Sequence[dict[str, floa
             f"  serial best 1 / (1/{serial} + 1/model alone) = {found['serial best']:,.0f}: "
             f"simulated is {ratio('best')} of it{also}",
             f"  free / floor = {free:,.0f} / {rate['floor']:,.0f} = {ratio('free', GOAL_FREE)}",
+            *(
+                [f"  simulated in flight / serial = {ratio('in flight')}"]
+                if "in flight" in found
+                else []
+            ),
         ]
     )

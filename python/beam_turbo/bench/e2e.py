@@ -480,12 +480,16 @@ def run(args: argparse.Namespace) -> int:
     min_work = args.min_work_secs if args.min_work_secs is not None else 30.0 if runner else 0.0
     with tempfile.TemporaryDirectory() as folder:
         framework = make_framework(args.framework, folder, device=args.device)
-        measured = {
-            which: per_element_secs(
-                framework, which, small, large, rounds, options, reported[which], min_work
-            )
-            for which in pipelines
-        }
+        # Rounds take the pipelines in turn, so that the machine's load falls on all alike.
+        slopes: dict[str, list[float]] = {which: [] for which in pipelines}
+        larges = dict.fromkeys(pipelines, large)
+        for _ in range(rounds):
+            for which in pipelines:
+                slope, larges[which] = per_element_secs(
+                    framework, which, small, larges[which], 1, options, reported[which], min_work
+                )
+                slopes[which].append(slope)
+        measured = {which: (statistics.median(slopes[which]), larges[which]) for which in pipelines}
         ideal = measured["floor"][0] + bare_per_element_secs(framework)
     floor, stock, turbo = (measured[which][0] for which in ("floor", "stock", "turbo"))
     goal_ratio, goal_ideal = GOALS[args.framework]

@@ -28,14 +28,14 @@ from apache_beam.coders import typecoders
 from apache_beam.ml.inference import base
 from apache_beam.transforms import window as beam_window
 
-from beam_turbo._arrays.tables import TableSpec
+from beam_turbo._arrays.tables import TableSpec, row_count
 from beam_turbo._dofns.beam_inference import BeamInferenceDoFn
 from beam_turbo._dofns.gathering import GatheringDoFn, RunBatches, WindowedGatheringDoFn
 from beam_turbo._dofns.keyed_state import keying_dofn, stateful_inference_dofn
 from beam_turbo._gathering.gatherer import POOL_BATCHES, by_length, unkeyed_length
 from beam_turbo._gathering.sizing import BATCHING_ARGS, LENGTH_ARGS, STREAMING_ARGS, Sizing
 from beam_turbo._running.dead_letters import DEAD_LETTER_TAG, MAIN_TAG, check_threshold
-from beam_turbo._running.tables import check_scores_tables
+from beam_turbo._running.tables import check_scores_tables, check_unbatched_by_length
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
@@ -150,6 +150,7 @@ class RunInference(base.RunInference):
             >>> #    | beam.io.WriteToParquetBatched("out", schema))
         """
         check_scores_tables(self._model_handler)
+        check_unbatched_by_length(self._model_handler)
         if not prediction_column:
             raise InvalidInputError("prediction_column must be a non-empty column name")
         self._tables = TableSpec(
@@ -258,11 +259,6 @@ class RunInference(base.RunInference):
             batching_args.setdefault(
                 "min_batch_size", min(TABLE_MIN_BATCH_ROWS, batching_args["max_batch_size"])
             )
-            if "max_batch_duration_secs" in batching_args or "length_fn" in batching_args:
-                raise InvalidInputError(
-                    "with_tables() does not batch across bundles (max_batch_duration_secs) "
-                    "nor by length (batch_length_fn) yet"
-                )
         sizing = Sizing.from_batching_args(batching_args)
         action = RunBatches(
             handler=handler,
@@ -288,6 +284,7 @@ class RunInference(base.RunInference):
                 sizing=sizing,
                 clock=self._clock,
                 action=action,
+                rows=self._tables is not None,
             )
             keying, key_type = keying_dofn(handler)
             keyed = beam.ParDo(keying).with_output_types(
@@ -314,7 +311,9 @@ class RunInference(base.RunInference):
             )
         bad_inference = outputs[DEAD_LETTER_TAG]
         if self._threshold < 1:
-            check_threshold(pcoll, bad_inference, self._threshold)
+            # Tables: a failing row is a dead letter, so the share is of rows.
+            count = row_count if self._tables is not None else None
+            check_threshold(pcoll, bad_inference, self._threshold, count)
         return outputs[MAIN_TAG], bad_inference
 
     def _infer_with_beams_dofn(self, pcoll: beam.PCollection) -> tuple[Any, Any]:

@@ -13,6 +13,7 @@ pyarrow and pandas are never imported here: a table of theirs means they are imp
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, overload
@@ -21,7 +22,16 @@ import numpy as np
 
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
-__all__ = ["TableRows", "TableSpec", "check_table", "is_table", "row_count", "slice_rows"]
+__all__ = [
+    "TableRows",
+    "TableSpec",
+    "check_table",
+    "is_table",
+    "row_count",
+    "slice_rows",
+    "table_from_bytes",
+    "table_to_bytes",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +96,35 @@ def slice_rows(table: Any, start: int, stop: int) -> Any:
     if _kind(table) == "pandas":
         return table.iloc[start:stop]
     return table.slice(start, stop - start)
+
+
+def table_to_bytes(table: Any) -> bytes:
+    """``table`` as bytes: Arrow's IPC stream for pyarrow (a slice is written alone, where a
+    pickled slice carries its whole table's buffers), pickle for pandas."""
+    kind = check_table(table)
+    if kind == "pandas":
+        return b"P" + pickle.dumps(table, protocol=pickle.HIGHEST_PROTOCOL)
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write(table)
+    encoded: bytes = sink.getvalue().to_pybytes()
+    return (b"T" if kind == "arrow" else b"B") + encoded
+
+
+def table_from_bytes(encoded: bytes) -> Any:
+    """The table :func:`table_to_bytes` wrote."""
+    kind, body = encoded[:1], memoryview(encoded)[1:]
+    if kind == b"P":
+        return pickle.loads(body)
+    import pyarrow as pa
+
+    reader = pa.ipc.open_stream(pa.py_buffer(body))
+    if kind == b"T":
+        return reader.read_all()
+    batches = list(reader)
+    return batches[0] if len(batches) == 1 else pa.concat_batches(batches)
 
 
 def columns_of(table: Any) -> list[str]:

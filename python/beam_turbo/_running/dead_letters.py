@@ -48,11 +48,17 @@ def isolating(
         return [dead_letter(batch, error)]
 
 
-def check_threshold(examples: beam.PCollection, dead: beam.PCollection, threshold: float) -> None:
+def check_threshold(
+    examples: beam.PCollection,
+    dead: beam.PCollection,
+    threshold: float,
+    count: Callable[[Any], int] | None = None,
+) -> None:
     """Beam's ``threshold`` of ``with_exception_handling``, for the fused DoFn: the pipeline
     fails when the elements of failing batches exceed ``threshold`` of the elements in, per
     window. (Beam's two steps count batches; the fused DoFn has no batches to count, and the
-    two agree when batches are of one size.)"""
+    two agree when batches are of one size.) ``count``: how many of what dead letters hold an
+    example is (tables: their rows; default one)."""
 
     def check(bad: int, total: int, threshold: float, window: Any = beam.DoFn.WindowParam) -> None:
         if bad > total * threshold:
@@ -62,9 +68,13 @@ def check_threshold(examples: beam.PCollection, dead: beam.PCollection, threshol
             )
 
     total = examples | "CountTotal" >> (
-        beam.Map(lambda _: 1) | beam.CombineGlobally(sum).as_singleton_view()
+        beam.Map(count or _one) | beam.CombineGlobally(sum).as_singleton_view()
     )
     bad = dead | "CountBad" >> (
         beam.Map(lambda entry: len(entry[0])) | beam.CombineGlobally(sum).without_defaults()
     )
     _ = bad | "CheckThreshold" >> beam.Map(check, total, threshold)
+
+
+def _one(example: Any) -> int:
+    return 1

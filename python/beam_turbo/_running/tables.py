@@ -12,9 +12,9 @@ from typing import Any
 
 from beam_turbo._arrays.tables import TableRows, TableSpec
 from beam_turbo._running.runner import HandlerInference
-from beam_turbo.errors import InvalidTypeError
+from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
-__all__ = ["TableInference", "check_scores_tables"]
+__all__ = ["TableInference", "check_scores_tables", "check_unbatched_by_length"]
 
 
 def check_scores_tables(handler: Any) -> None:
@@ -26,6 +26,21 @@ def check_scores_tables(handler: Any) -> None:
             "beam-turbo's SklearnModelHandlerNumpy, SklearnModelHandlerPandas, "
             "PytorchModelHandlerTensor and TFModelHandlerNumpy have (keyed handlers do not: a "
             "table keeps its key columns with keep_columns instead)"
+        )
+
+
+def check_unbatched_by_length(handler: Any) -> None:
+    """A clear error for a handler with a ``batch_length_fn``: length-aware batching sorts
+    ragged elements so that little of a padded batch is padding, but a table's rows become one
+    rectangular matrix (each row has one value per feature column), so there is nothing to
+    pad, and the function, written for one element, has no element to take."""
+    if "length_fn" in handler.batch_elements_kwargs():
+        raise InvalidInputError(
+            f"{type(handler).__name__} has a batch_length_fn, which with_tables() does not "
+            "take: every row of a table has one value per feature column, so its batches are "
+            "rectangular and there is no padding to save by length; build the handler "
+            "without batch_length_fn and batch_bucket_boundaries (ragged features, such as "
+            "token lists, are scored row by row, without with_tables())"
         )
 
 

@@ -421,3 +421,27 @@ def test_pieces_in_state_are_coded_alone(kind: str) -> None:
     assert row_count(back) == 100
     assert len(encoded) < 10_000
     assert table_from_bytes(table_to_bytes(whole.slice(0, 0))).num_rows == 0
+
+
+def test_the_keyed_state_holds_tables_with_their_coder(
+    model_file: tuple[str, LinearRegression],
+) -> None:
+    """The stateful DoFn's bag codes tables with TablePieceCoder, not the input's coder
+    (which pickles, and a pickled slice carries its whole table)."""
+    from apache_beam.pipeline import PipelineVisitor
+    from apache_beam.transforms.userstate import get_dofn_specs
+
+    path, _ = model_file
+    handler = SklearnModelHandlerNumpy(model_uri=path, max_batch_duration_secs=5)
+    pipeline = beam.Pipeline()
+    _ = pipeline | beam.Create([table(0, 5)]) | RunInference(handler).with_tables(FEATURES)
+    coders = []
+
+    class Visitor(PipelineVisitor):  # type: ignore[misc]
+        def visit_transform(self, node: Any) -> None:
+            dofn = getattr(node.transform, "dofn", None)
+            if dofn is not None:
+                coders.extend(spec.coder for spec in get_dofn_specs(dofn)[0])
+
+    pipeline.visit(Visitor())
+    assert [type(coder) for coder in coders] == [TablePieceCoder]

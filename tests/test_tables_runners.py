@@ -435,9 +435,9 @@ def test_the_keyed_state_holds_tables_with_their_coder(
     handler = SklearnModelHandlerNumpy(model_uri=path, max_batch_duration_secs=5)
     pipeline = beam.Pipeline()
     _ = pipeline | beam.Create([table(0, 5)]) | RunInference(handler).with_tables(FEATURES)
-    coders = []
+    coders: list[Any] = []
 
-    class Visitor(PipelineVisitor):  # type: ignore[misc]
+    class Visitor(PipelineVisitor):
         def visit_transform(self, node: Any) -> None:
             dofn = getattr(node.transform, "dofn", None)
             if dofn is not None:

@@ -264,16 +264,23 @@ def run_with_nan_rows(
 
 
 def with_nan(tables: list[pa.Table], ids: set[int]) -> list[pa.Table]:
-    """``tables`` with NaN in ``f2`` of the rows ``ids`` (LinearRegression refuses NaN)."""
+    """``tables`` with ``f2`` of the rows ``ids`` missing: NaN for even ids, an Arrow null
+    for odd ones (a null becomes NaN in the float matrix; LinearRegression refuses NaN)."""
+    import pyarrow.compute as pc
+
     poisoned = []
     for t in tables:
-        frame = t.to_pandas()
-        frame.loc[frame["id"].isin(ids), "f2"] = np.nan
-        poisoned.append(pa.Table.from_pandas(frame, preserve_index=False))
+        row_ids = t["id"].to_numpy()
+        nan = pa.array(np.isin(row_ids, list(ids)) & (row_ids % 2 == 0))
+        null = pa.array(np.isin(row_ids, list(ids)) & (row_ids % 2 == 1))
+        f2 = pc.if_else(nan, pa.scalar(np.float32("nan")), t["f2"])
+        f2 = pc.if_else(null, pa.scalar(None, pa.float32()), f2)
+        poisoned.append(t.set_column(t.schema.get_field_index("f2"), "f2", f2))
     return poisoned
 
 
-#: Rows with NaN: in one table and across tables, at a batch's first and last row, adjacent.
+#: Rows with NaN or a null: in one table and across tables, at a batch's first and last row,
+#: adjacent.
 NAN_IDS = {0, 63, 64, 65, 300, 301, 899, 1000, 1599}
 
 
@@ -288,6 +295,7 @@ def test_failing_rows_alone_reach_the_dead_letters_and_every_other_row_is_scored
     check_predictions(scored, {i: p for i, p in want.items() if i not in NAN_IDS})
     assert sorted(row_id for row_id, _ in dead) == sorted(NAN_IDS), "exactly the NaN rows, once"
     assert all("NaN" in error for _, error in dead)
+    assert sum(t["f2"].null_count for t in tables) == 5  # the odd ones are nulls
 
 
 @pytest.mark.slow

@@ -364,10 +364,12 @@ def test_a_bad_column_is_named_at_the_first_batch(
     exception_handling: bool,
 ) -> None:
     """A feature column missing from a table, or not numeric: without exception handling the
-    pipeline fails at the first batch, naming the column; with it, the batch's rows are dead
-    letters with that error, and nothing is lost."""
+    pipeline fails at the first batch, naming the column; with it (isolated), that table's
+    rows are one dead letter with that error (not halved row by row: no row of it can be
+    scored), while a row failing on its own in another table of the batch is isolated alone,
+    and the rest are scored."""
     path, _ = model_file
-    good = table(0, 50)
+    good = with_nan([table(0, 50)], {7})[0]
     bad = table(50, 50)
     if values is not None:
         bad = bad.set_column(bad.schema.get_field_index(column), column, pa.array(values))
@@ -388,20 +390,20 @@ def test_a_bad_column_is_named_at_the_first_batch(
         )
         _ = results | beam.ParDo(Written(tmp_path / "out"))
         _ = errors.failed_inferences | beam.ParDo(DeadEntries(tmp_path / "dead"))
-    dead = read(tmp_path / "dead")
-    assert sorted(i for i, _ in dead) == list(range(50, 100))
-    assert all(re.search(error, message) for _, message in dead)
-    assert sorted(row[3] for row in read(tmp_path / "out")) == list(range(50))
+    entries = sorted(read(tmp_path / "dead"))
+    assert [ids for ids, _ in entries] == [[7], list(range(50, 100))]  # one batch of 100
+    assert "NaN" in entries[0][1]
+    assert re.search(error, entries[1][1])
+    assert sorted(row[3] for row in read(tmp_path / "out")) == [i for i in range(50) if i != 7]
 
 
 class DeadEntries(DeadRows):
-    """Dead rows whatever their columns."""
+    """Each dead letter: its rows' ids, and its error."""
 
     def process(self, entry: Any) -> None:
         rows, (_, error, _) = entry
         with open(self.path, "a") as f:
-            for row in rows:
-                f.write(json.dumps([row["id"], error]) + "\n")
+            f.write(json.dumps([[row["id"] for row in rows], error]) + "\n")
 
 
 def test_a_batch_length_fn_is_refused_saying_why(model_file: tuple[str, LinearRegression]) -> None:

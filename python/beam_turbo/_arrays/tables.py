@@ -20,7 +20,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from beam_turbo.errors import InvalidInputError, InvalidTypeError
+from beam_turbo.errors import InvalidInputError, InvalidTypeError, MissingColumnError
 
 __all__ = [
     "TableRows",
@@ -173,6 +173,18 @@ class TableRows(Sequence[Any]):
                 pieces.append(piece if (low, high) == (0, count) else slice_rows(piece, low, high))
             offset += count
         return TableRows(pieces)
+
+    def split_failing(self, error: BaseException) -> list[TableRows]:
+        """The parts in which these rows are isolated after ``error``: their halves; but a
+        table's own error (a feature column missing or not numeric: no row of that table can
+        be scored) splits them by table, and leaves one table whole, so that its rows reach
+        the dead letters together rather than one by one."""
+        if isinstance(error, (MissingColumnError, InvalidTypeError)):
+            if len(self.pieces) == 1:
+                return [self]
+            return [TableRows([piece]) for piece in self.pieces]
+        middle = self._length // 2
+        return [self[:middle], self[middle:]]
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.to_pylist())

@@ -31,7 +31,8 @@ def isolating(
     exc_class: type[BaseException] | tuple[type[BaseException], ...],
 ) -> list[Any]:
     """``run(batch)``, halving a failing batch until each failing element is alone; those go
-    to the dead-letter output as ``([element], exception_info)``, the rest give results.
+    to the dead-letter output as ``([element], exception_info)``, the rest give results. (A
+    batch of table rows whose table is at fault goes by table: :func:`_split`.)
     A batch of several that runs out of memory raises, for the splitting around this (which
     teaches the batch sizer); a single element that does is dead-lettered like any other.
     """
@@ -41,11 +42,22 @@ def isolating(
         if len(batch) > 1:
             if is_out_of_memory(error):
                 raise
-            middle = len(batch) // 2
-            return isolating(run, batch[:middle], exc_class) + isolating(
-                run, batch[middle:], exc_class
-            )
+            parts = _split(batch, error)
+            if len(parts) > 1:
+                return [output for part in parts for output in isolating(run, part, exc_class)]
         return [dead_letter(batch, error)]
+
+
+def _split(batch: Sequence[Any], error: BaseException) -> Sequence[Sequence[Any]]:
+    """The parts a failing batch is isolated in: its halves, or what the batch says
+    (``split_failing``: rows of tables split by table on a table's own error, such as a
+    missing column, and one table's rows not at all; one part: dead-lettered whole)."""
+    split = getattr(batch, "split_failing", None)
+    if split is not None:
+        parts: Sequence[Sequence[Any]] = split(error)
+        return parts
+    middle = len(batch) // 2
+    return [batch[:middle], batch[middle:]]
 
 
 def check_threshold(

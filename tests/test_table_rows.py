@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.typehints.row_type import RowTypeConstraint
 from sklearn.linear_model import LinearRegression
 
 from beam_turbo import RunInference
@@ -84,20 +85,18 @@ def test_parquet_rows_are_scored_in_beams_batches_and_leave_as_batches(
     tmp_path: Path, model_file: tuple[str, LinearRegression]
 ) -> None:
     """ReadFromParquet(as_rows=True) hands the DoFn Arrow batches; its outputs are rows with
-    the prediction, whose batches a batched step gets as tables (the recipe's ToTables, then
-    WriteToParquetBatched), and a per-row step as rows."""
+    the prediction, whose batches a batched step gets as tables (Beam's WriteToParquet of a
+    schema'd PCollection; the recipe's ToTables), and a per-row step as rows."""
     path, model = model_file
     tables = [table(0, 3000), table(3000, 500), table(3500, 2000)]
     handler = SklearnModelHandlerNumpy(model_uri=path, min_batch_size=1024, max_batch_size=1024)
-    schema = pa.schema([("id", pa.int64()), ("prediction", pa.float64())])
     with beam.Pipeline() as p:
         rows = p | beam.io.ReadFromParquet(parquet(tmp_path / "in", tables), as_rows=True)
         scored = rows | RunInference(handler).with_tables(FEATURES, keep_columns=["id"])
         fields = [name for name, _ in scored.element_type._fields]
         assert fields == ["id", "prediction"]
-        out = scored | beam.ParDo(ToTables())
-        _ = out | beam.io.WriteToParquetBatched(str(tmp_path / "out" / "scored"), schema)
-        sizes = out | beam.Map(lambda t: t.num_rows)
+        _ = scored | beam.io.WriteToParquet(str(tmp_path / "out" / "scored"))
+        sizes = scored | beam.ParDo(ToTables()) | beam.Map(lambda t: t.num_rows)
         # Batches of the target, cut from the files' tables (3000 = 1024 + 1024 + 952), none
         # joined across them: the rows never went one by one.
         assert_that(sizes, equal_to([1024, 1024, 952, 500, 1024, 976]), label="batches")
@@ -145,6 +144,33 @@ def test_rows_one_by_one_are_gathered_and_keep_their_fields(
         frame = data.to_pandas()
         want = dict(zip(frame["id"], model.predict(frame[FEATURES].to_numpy()), strict=True))
         assert_that(picked, each_once(want), label="predictions")
+
+
+def test_windowed_rows_are_gathered_per_window_and_stay_in_it(
+    model_file: tuple[str, LinearRegression],
+) -> None:
+    path, _ = model_file
+    handler = SklearnModelHandlerNumpy(model_uri=path, min_batch_size=32, max_batch_size=32)
+
+    def timestamped(d: dict[str, Any]) -> Any:
+        row = beam.Row(id=int(d["id"]), **{name: float(d[name]) for name in FEATURES})
+        return beam.window.TimestampedValue(row, 100 * (d["id"] % 2))
+
+    with beam.Pipeline() as p:
+        scored = (
+            p
+            | beam.Create(table(0, 200).to_pylist(), reshuffle=False)
+            | beam.Map(timestamped).with_output_types(
+                RowTypeConstraint.from_fields([("id", int), *[(name, float) for name in FEATURES]])
+            )
+            | beam.WindowInto(beam.window.FixedWindows(50))
+            | RunInference(handler).with_tables(FEATURES, keep_columns=["id"])
+        )
+        placed = scored | beam.Map(
+            lambda row, w=beam.DoFn.WindowParam: (int(w.start), row.id % 2, row.id)
+        )
+        want = [(100 * (i % 2), i % 2, i) for i in range(200)]
+        assert_that(placed, equal_to(want))
 
 
 def test_failing_rows_reach_the_dead_letters_as_rows_nothing_lost_nothing_twice(
@@ -206,6 +232,25 @@ def test_tables_are_still_checked_at_the_first_batch(
             p
             | beam.Create([table(0, 10)])
             | RunInference(handler).with_tables(FEATURES, keep_columns=["key"])
+        )
+
+
+def test_a_model_with_several_outputs_per_row_is_named(tmp_path: Path) -> None:
+    """A schema'd row's prediction is one value: two outputs per row are refused, naming the
+    field."""
+    data = table(0, 50)
+    x = np.column_stack([data[name].to_numpy() for name in FEATURES])
+    path = tmp_path / "two.pkl"
+    path.write_bytes(pickle.dumps(LinearRegression().fit(x, np.column_stack([x[:, 0], x[:, 1]]))))
+    handler = SklearnModelHandlerNumpy(model_uri=str(path))
+    with (
+        pytest.raises(Exception, match=r"column 'prediction' came out as fixed_size_list"),
+        beam.Pipeline() as p,
+    ):
+        _ = (
+            p
+            | beam.io.ReadFromParquet(parquet(tmp_path / "in", [data]), as_rows=True)
+            | RunInference(handler).with_tables(FEATURES, keep_columns=["id"])
         )
 
 

@@ -152,8 +152,7 @@ class TableRowsDoFn(beam.DoFn):
         self._to_rows = BatchConverter.from_typehints(
             element_type=self._output_type, batch_type=pa.Table
         )
-        prediction = _arrow_schema(self._output_type).field(-1)  # the last field (rows_spec)
-        self._prediction_column, self._prediction_type = prediction.name, prediction.type
+        self._schema = _arrow_schema(self._output_type)
         user_type = self._input_type.user_type
         self._row = beam.Row if user_type is None else user_type
 
@@ -224,12 +223,27 @@ class TableRowsDoFn(beam.DoFn):
                 value = internals.WindowedValue(entry, timestamp, (window,))
                 self._dead.append(beam.pvalue.TaggedOutput(output.tag, value))
                 continue
-            found = output.schema.field(self._prediction_column).type
-            if found != self._prediction_type:
+            yield self._conformed(output)
+
+    def _conformed(self, table: Any) -> Any:
+        """``table`` with the output schema's fields (their nullability, as a writer of the
+        schema checks), not copied; an error naming a column whose type differs from it."""
+        import pyarrow as pa
+
+        schema = self._schema
+        if table.schema.equals(schema):
+            return table
+        names = table.schema.names
+        if names != schema.names:
+            raise InvalidInputError(
+                f"the scored rows' columns {names} are not the output schema's {schema.names}"
+            )
+        for field, column in zip(schema, table.columns, strict=True):
+            if column.type != field.type:
                 raise InvalidInputError(
-                    f"the model's predictions came out as {found}, but the rows' "
-                    f"{self._prediction_column!r} field is {self._prediction_type}: a schema'd "
-                    "row takes one prediction per row (a model with several outputs per row: "
-                    "score tables, not rows)"
+                    f"column {field.name!r} came out as {column.type}, but the output rows' "
+                    f"field is {field.type}: the input's Arrow batches must have the types of "
+                    "its schema, and a model scoring schema'd rows must give one prediction "
+                    "per row (a model with several outputs per row: score tables, not rows)"
                 )
-            yield output
+        return pa.Table.from_arrays(table.columns, schema=schema)

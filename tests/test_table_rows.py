@@ -166,10 +166,15 @@ def test_windowed_rows_are_gathered_per_window_and_stay_in_it(
             | beam.WindowInto(beam.window.FixedWindows(50))
             | RunInference(handler).with_tables(FEATURES, keep_columns=["id"])
         )
+        # In their window, at its end, as the row path places batches' results.
         placed = scored | beam.Map(
-            lambda row, w=beam.DoFn.WindowParam: (int(w.start), row.id % 2, row.id)
+            lambda row, w=beam.DoFn.WindowParam, t=beam.DoFn.TimestampParam: (
+                int(w.start),
+                t == w.max_timestamp(),
+                row.id,
+            )
         )
-        want = [(100 * (i % 2), i % 2, i) for i in range(200)]
+        want = [(100 * (i % 2), True, i) for i in range(200)]
         assert_that(placed, equal_to(want))
 
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.typehints.row_type import RowTypeConstraint
+from apache_beam.utils.timestamp import Timestamp
 from sklearn.linear_model import LinearRegression
 
 from beam_turbo import RunInference
@@ -224,6 +225,9 @@ def test_a_missing_column_is_named_when_the_pipeline_is_built(
         _ = rows | "Label" >> RunInference(handler).with_tables(["f0", "label"])
     with pytest.raises(InvalidInputError, match="prediction column 'f1' is also a kept"):
         _ = rows | "Clash" >> RunInference(handler).with_tables(["f0"], prediction_column="f1")
+    timed = p | "Timed" >> beam.Create([beam.Row(id=1, f0=1.0, when=Timestamp(5))])
+    with pytest.raises(InvalidTypeError, match=r"no Arrow type for a field.*when: Timestamp"):
+        _ = timed | "NoArrow" >> RunInference(handler).with_tables(["f0"])
 
 
 def test_tables_are_still_checked_at_the_first_batch(

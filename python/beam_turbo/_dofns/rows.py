@@ -27,6 +27,7 @@ What Beam 2.77's batched DoFns impose:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,10 +78,17 @@ def rows_spec(rows: RowTypeConstraint, spec: TableSpec) -> tuple[TableSpec, RowT
     from apache_beam.typehints.schemas import named_fields_from_element_type
 
     fields = named_fields_from_element_type(rows)
+    shown = ", ".join(f"{name}: {getattr(kind, '__name__', kind)}" for name, kind in fields)
     try:
-        check_columns(_arrow_schema(rows).empty_table(), spec)
+        schema = _arrow_schema(rows)
+    except (NotImplementedError, TypeError, ValueError) as error:
+        raise InvalidTypeError(
+            f"with_tables() scores schema'd rows as Arrow tables, and Beam has no Arrow type for "
+            f"a field of these rows ({shown}): {error}. Select or cast the fields first"
+        ) from None
+    try:
+        check_columns(schema.empty_table(), spec)
     except (KeyError, TypeError, ValueError) as error:
-        shown = ", ".join(f"{name}: {getattr(kind, '__name__', kind)}" for name, kind in fields)
         raise type(error)(
             f"{error} (checked when the pipeline is built, on the rows' schema: {shown})"
         ) from None
@@ -96,13 +104,7 @@ def rows_spec(rows: RowTypeConstraint, spec: TableSpec) -> tuple[TableSpec, RowT
         order = {name: i for i, name in enumerate(spec.keep_columns)}
         kept.sort(key=lambda field: order[field[0]])
     output = RowTypeConstraint.from_fields([*kept, (spec.prediction_column, prediction_type)])
-    return TableSpec(
-        feature_columns=spec.feature_columns,
-        prediction_column=spec.prediction_column,
-        keep_columns=spec.keep_columns,
-        feature_dtype=spec.feature_dtype,
-        prediction_dtype=dtype.name,
-    ), output
+    return dataclasses.replace(spec, prediction_dtype=dtype.name), output
 
 
 class TableRowsDoFn(beam.DoFn):

@@ -113,7 +113,7 @@ def test_parquet_rows_are_scored_in_beams_batches_and_leave_as_batches(
 def test_rows_one_by_one_are_gathered_and_keep_their_fields(
     model_file: tuple[str, LinearRegression],
 ) -> None:
-    """beam.Row from a Map (a per-row producer): ``process`` gathers rows into batches (the
+    """beam.Row from a Map, then beam.Select (per-row producers): ``process`` gathers rows into batches (the
     last, at the end of the bundle, comes out row by row); every field is kept, and the
     output's schema lets ``beam.Select`` pick from it."""
     path, model = model_file
@@ -132,8 +132,10 @@ def test_rows_one_by_one_are_gathered_and_keep_their_fields(
                     f2=float(d["f2"]),
                     f3=float(d["f3"]),
                     label=str(d["label"]),
+                    unused=1.0,
                 )
             )
+            | beam.Select("id", *FEATURES, "label")
         )
         scored = rows | RunInference(handler).with_tables(FEATURES, keep_columns=None)
         fields = [name for name, _ in scored.element_type._fields]

@@ -141,6 +141,13 @@ class RunInference(base.RunInference):
         handling, failing rows reach the dead letters as rows (dicts); with
         ``isolate_failures=True`` the batch is halved to find them and the rest are scored.
 
+        Schema'd rows (Beam ``Row``s, NamedTuples: ``ReadFromParquet(as_rows=True)``,
+        ``beam.Select``) are scored as Arrow tables too: Beam hands them over in its batches
+        where the producer is batched, the columns are checked against the schema when the
+        pipeline is built, and rows come out (the kept fields, then the prediction, float64
+        unless ``prediction_dtype``), in Arrow batches for a batched step after (Beam's
+        ``WriteToParquet`` without a schema). See ``docs/tables.md``.
+
         The handler must score a matrix (``predict_matrix``): beam-turbo's
         ``SklearnModelHandlerNumpy``, ``SklearnModelHandlerPandas``,
         ``PytorchModelHandlerTensor`` and ``TFModelHandlerNumpy`` do.

@@ -32,6 +32,7 @@ from beam_turbo._arrays.tables import TableSpec
 from beam_turbo._dofns.beam_inference import BeamInferenceDoFn
 from beam_turbo._dofns.gathering import GatheringDoFn, RunBatches, WindowedGatheringDoFn
 from beam_turbo._dofns.keyed_state import keying_dofn, stateful_inference_dofn
+from beam_turbo._dofns.rows import TableRowsDoFn, row_type, rows_spec
 from beam_turbo._gathering.gatherer import POOL_BATCHES, by_length, unkeyed_length
 from beam_turbo._gathering.sizing import BATCHING_ARGS, LENGTH_ARGS, STREAMING_ARGS, Sizing
 from beam_turbo._running.dead_letters import DEAD_LETTER_TAG, MAIN_TAG, check_threshold
@@ -161,6 +162,13 @@ class RunInference(base.RunInference):
         handling, failing rows reach the dead letters as rows (dicts); with
         ``isolate_failures=True`` the batch is halved to find them and the rest are scored.
 
+        Schema'd rows (Beam ``Row``s, NamedTuples: ``ReadFromParquet(as_rows=True)``,
+        ``beam.Select``) are scored as Arrow tables too: Beam hands them over in its batches
+        where the producer is batched, the columns are checked against the schema when the
+        pipeline is built, and rows come out (the kept fields, then the prediction, float64
+        unless ``prediction_dtype``), in Arrow batches for a batched step after (Beam's
+        ``WriteToParquet`` without a schema). See ``docs/tables.md``.
+
         The handler must score a matrix (``predict_matrix``): beam-turbo's
         ``SklearnModelHandlerNumpy``, ``SklearnModelHandlerPandas``,
         ``PytorchModelHandlerTensor`` and ``TFModelHandlerNumpy`` do.
@@ -285,6 +293,13 @@ class RunInference(base.RunInference):
                     "nor by length (batch_length_fn) yet"
                 )
         sizing = Sizing.from_batching_args(batching_args)
+        tables = self._tables
+        rows: dict[str, Any] | None = None
+        schema = None if tables is None else row_type(pcoll.element_type)
+        if tables is not None and schema is not None:
+            # Schema'd rows: checked against their schema now; Beam's Arrow batches in and out.
+            tables, output_type = rows_spec(schema, tables)
+            rows = {"input_type": schema, "output_type": output_type}
         action = RunBatches(
             handler=handler,
             clock=self._clock,
@@ -295,7 +310,7 @@ class RunInference(base.RunInference):
             backoff_secs=self._model_load_backoff_secs,
             exc_class=self._exc_class if self._with_exception_handling else None,
             isolate_failures=self._isolate_failures,
-            tables=self._tables,
+            tables=tables,
             # Across bundles a batch is run where a timer or an element closes it.
             in_flight=0 if "max_batch_duration_secs" in batching_args else self._batches_in_flight,
         )
@@ -303,7 +318,14 @@ class RunInference(base.RunInference):
         length_fn = batching_args.get("length_fn")
         fused: beam.DoFn
         batched = pcoll
-        if max_buffering_secs is not None:
+        if rows is not None:
+            if max_buffering_secs is not None:
+                raise InvalidInputError(
+                    "with_tables() on schema'd rows batches within Beam's batches and bundles: "
+                    "it does not take max_batch_duration_secs"
+                )
+            fused = TableRowsDoFn(sizing=sizing, action=action, **rows)
+        elif max_buffering_secs is not None:
             # Across bundles, in keyed state: keyed as Beam's stateful batching keys.
             fused = stateful_inference_dofn(
                 input_coder=typecoders.registry.get_coder(pcoll),

@@ -656,9 +656,10 @@ def check_no_loss(
     two_step: bool,
     streaming: bool,
     options: Sequence[str] = (),
+    serial: bool = False,
 ) -> None:
-    """Every element comes out once, as a result or a dead letter, on the fused paths (plain
-    and stateful) and on the two-step one (which a timeout selects)."""
+    """Every element comes out once, as a result or a dead letter, on the fused paths (batches
+    in flight, serial, stateful) and on the two-step one (which a timeout selects)."""
     with tempfile.TemporaryDirectory(prefix="no-loss-") as folder:
         out = Path(folder)
         data = [float(i) for i in range(n)]
@@ -669,9 +670,9 @@ def check_no_loss(
             results, dlq = (
                 pipeline
                 | beam.Create(data)
-                | RunInference(handler, model_load_backoff_secs=0.0).with_exception_handling(
-                    isolate_failures=isolate, timeout=60 if two_step else None
-                )
+                | RunInference(handler, model_load_backoff_secs=0.0)
+                .with_batches_in_flight(0 if serial else 1)
+                .with_exception_handling(isolate_failures=isolate, timeout=60 if two_step else None)
             )
             good = results | beam.Map(lambda r: r.example)
             failed = dlq.failed_inferences | beam.FlatMap(lambda failure: failure[0])
@@ -706,23 +707,27 @@ FAILURE_PATTERNS = {
     "fail_loads": st.sampled_from([0, 1, 2, 1_000]),  # 1,000: a loader that never recovers
 }
 
-#: The ways through RunInference (isolate_failures, two steps, stateful), each run, not drawn:
-#: random draws of 8 examples over all seven dimensions left whole paths untried.
+#: The ways through RunInference (isolate_failures, two steps, stateful; the fused path with
+#: batches in flight and serial), each run, not drawn: random draws of 8 examples over all
+#: seven dimensions left whole paths untried.
 PATHS = [
-    pytest.param(isolate, two_step, streaming, id=f"{isolate=}-{two_step=}-{streaming=}")
+    pytest.param(isolate, two_step, streaming, False, id=f"{isolate=}-{two_step=}-{streaming=}")
     for isolate in (False, True)
     for two_step in (False, True)
     for streaming in (False, True)
+] + [
+    pytest.param(isolate, False, False, True, id=f"{isolate=}-serial") for isolate in (False, True)
 ]
 
 
-@pytest.mark.parametrize(("isolate", "two_step", "streaming"), PATHS)
+@pytest.mark.parametrize(("isolate", "two_step", "streaming", "serial"), PATHS)
 @settings(max_examples=3, deadline=None)
 @given(**FAILURE_PATTERNS)
 def test_no_element_is_lost_or_duplicated(
     isolate: bool,
     two_step: bool,
     streaming: bool,
+    serial: bool,
     n: int,
     bad: set[int],
     oom_above: int | None,
@@ -731,12 +736,12 @@ def test_no_element_is_lost_or_duplicated(
     """Elements that raise, batches that run out of memory, a loader that fails then
     recovers: every element comes out once, as a result or a dead letter.
 
-    Each of the eight paths gets three failure patterns (24 pipelines, 15 to 25 s on the
+    Each of the ten paths gets three failure patterns (30 pipelines, 20 to 30 s on the
     shared development machine): the four dimensions drawn interact only through the batches
     they fail, and each has a few values that matter (no fault, one, several; a loader that
     recovers or never does), which 24 draws reach, and hypothesis keeps any failing pattern
     it finds to replay first."""
-    check_no_loss(n, bad, oom_above, fail_loads, isolate, two_step, streaming)
+    check_no_loss(n, bad, oom_above, fail_loads, isolate, two_step, streaming, serial=serial)
 
 
 @pytest.mark.slow

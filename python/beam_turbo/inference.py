@@ -32,9 +32,11 @@ from beam_turbo._arrays.tables import TableSpec, row_count
 from beam_turbo._dofns.beam_inference import BeamInferenceDoFn
 from beam_turbo._dofns.gathering import GatheringDoFn, RunBatches, WindowedGatheringDoFn
 from beam_turbo._dofns.keyed_state import keying_dofn, stateful_inference_dofn
+from beam_turbo._dofns.rows import TableRowsDoFn, row_type, rows_spec
 from beam_turbo._gathering.gatherer import POOL_BATCHES, by_length, unkeyed_length
 from beam_turbo._gathering.sizing import BATCHING_ARGS, LENGTH_ARGS, STREAMING_ARGS, Sizing
 from beam_turbo._running.dead_letters import DEAD_LETTER_TAG, MAIN_TAG, check_threshold
+from beam_turbo._running.flight import DEFAULT_BATCHES_IN_FLIGHT
 from beam_turbo._running.tables import check_scores_tables, check_unbatched_by_length
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
@@ -118,6 +120,26 @@ class RunInference(base.RunInference):
         self._model_load_backoff_secs = model_load_backoff_secs
         self._isolate_failures = False
         self._tables: TableSpec | None = None
+        self._batches_in_flight = DEFAULT_BATCHES_IN_FLIGHT
+
+    def with_batches_in_flight(self, batches: int) -> RunInference:
+        """How many batches run on an inference thread while the next is gathered (default
+        1: one ahead); 0 runs each batch as it is gathered, on the DoFn's thread. In flight,
+        the model's time overlaps Beam's per-element work wherever the model releases the GIL
+        (PyTorch, TensorFlow, a device; see docs/run-inference.md for when it gains). Results
+        in the global window then come out with a later element of the bundle, or at the end
+        of the window at the bundle's end. Batching across bundles
+        (``max_batch_duration_secs``) and Beam's two steps run each batch as it is gathered.
+
+        Example:
+            >>> # examples | RunInference(handler).with_batches_in_flight(0)  # serial
+        """
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+            raise InvalidInputError(
+                f"with_batches_in_flight takes an int >= 0 (0: serial), got {batches!r}"
+            )
+        self._batches_in_flight = batches
+        return self
 
     def with_tables(
         self,
@@ -139,6 +161,13 @@ class RunInference(base.RunInference):
         match). With exception
         handling, failing rows reach the dead letters as rows (dicts); with
         ``isolate_failures=True`` the batch is halved to find them and the rest are scored.
+
+        Schema'd rows (Beam ``Row``s, NamedTuples: ``ReadFromParquet(as_rows=True)``,
+        ``beam.Select``) are scored as Arrow tables too: Beam hands them over in its batches
+        where the producer is batched, the columns are checked against the schema when the
+        pipeline is built, and rows come out (the kept fields, then the prediction, float64
+        unless ``prediction_dtype``), in Arrow batches for a batched step after (Beam's
+        ``WriteToParquet`` without a schema). See ``docs/tables.md``.
 
         The handler must score a matrix (``predict_matrix``): beam-turbo's
         ``SklearnModelHandlerNumpy``, ``SklearnModelHandlerPandas``,
@@ -260,6 +289,13 @@ class RunInference(base.RunInference):
                 "min_batch_size", min(TABLE_MIN_BATCH_ROWS, batching_args["max_batch_size"])
             )
         sizing = Sizing.from_batching_args(batching_args)
+        tables = self._tables
+        rows: dict[str, Any] | None = None
+        schema = None if tables is None else row_type(pcoll.element_type)
+        if tables is not None and schema is not None:
+            # Schema'd rows: checked against their schema now; Beam's Arrow batches in and out.
+            tables, output_type = rows_spec(schema, tables)
+            rows = {"input_type": schema, "output_type": output_type}
         action = RunBatches(
             handler=handler,
             clock=self._clock,
@@ -270,13 +306,22 @@ class RunInference(base.RunInference):
             backoff_secs=self._model_load_backoff_secs,
             exc_class=self._exc_class if self._with_exception_handling else None,
             isolate_failures=self._isolate_failures,
-            tables=self._tables,
+            tables=tables,
+            # Across bundles a batch is run where a timer or an element closes it.
+            in_flight=0 if "max_batch_duration_secs" in batching_args else self._batches_in_flight,
         )
         max_buffering_secs = batching_args.get("max_batch_duration_secs")
         length_fn = batching_args.get("length_fn")
         fused: beam.DoFn
         batched = pcoll
-        if max_buffering_secs is not None:
+        if rows is not None:
+            if max_buffering_secs is not None:
+                raise InvalidInputError(
+                    "with_tables() on schema'd rows batches within Beam's batches and bundles: "
+                    "it does not take max_batch_duration_secs"
+                )
+            fused = TableRowsDoFn(sizing=sizing, action=action, **rows)
+        elif max_buffering_secs is not None:
             # Across bundles, in keyed state: keyed as Beam's stateful batching keys.
             fused = stateful_inference_dofn(
                 input_coder=typecoders.registry.get_coder(pcoll),
@@ -311,8 +356,9 @@ class RunInference(base.RunInference):
             )
         bad_inference = outputs[DEAD_LETTER_TAG]
         if self._threshold < 1:
-            # Tables: a failing row is a dead letter, so the share is of rows.
-            count = row_count if self._tables is not None else None
+            # Tables: a failing row is a dead letter, so the share is of rows (a schema'd
+            # row is one already).
+            count = row_count if self._tables is not None and rows is None else None
             check_threshold(pcoll, bad_inference, self._threshold, count)
         return outputs[MAIN_TAG], bad_inference
 

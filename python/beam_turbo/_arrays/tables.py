@@ -25,6 +25,7 @@ from beam_turbo.errors import InvalidInputError, InvalidTypeError, MissingColumn
 __all__ = [
     "TableRows",
     "TableSpec",
+    "check_columns",
     "check_table",
     "is_table",
     "row_count",
@@ -84,6 +85,33 @@ def check_table(element: Any) -> str:
             "gives pyarrow Tables)"
         )
     return kind
+
+
+def check_columns(table: Any, spec: TableSpec) -> list[str]:
+    """The one rule for a table's columns under ``spec``, checked on no rows of ``table``: the
+    kept columns are there, the feature columns are there and numeric (and fit
+    ``feature_dtype``: :func:`~beam_turbo._arrays.columns.feature_matrix`'s own checks), and the
+    prediction column is not a kept one. Returns the feature columns. It runs at the first
+    batch of tables, and at pipeline construction for schema'd rows (on a table of none).
+
+    Raises:
+        MissingColumnError, InvalidTypeError, InvalidInputError: naming the column.
+    """
+    from beam_turbo._arrays.columns import _missing, feature_matrix
+
+    names = columns_of(table)
+    for name in spec.keep_columns or ():
+        if name not in names:
+            raise _missing(name, names)
+    features = spec.features_of(table)
+    feature_matrix(slice_rows(table, 0, 0), features, spec.feature_dtype)
+    kept = names if spec.keep_columns is None else spec.keep_columns
+    if spec.prediction_column in kept:
+        raise InvalidInputError(
+            f"the prediction column {spec.prediction_column!r} is also a kept column: name it "
+            "apart (prediction_column=) or leave that column out of keep_columns"
+        )
+    return features
 
 
 def row_count(table: Any) -> int:

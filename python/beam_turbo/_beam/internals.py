@@ -101,6 +101,7 @@ TRANSFORMERS_REQUIRED = (
 )
 
 # The checked imports. Keep this list short: each is a promise about Beam's internals.
+from apache_beam.runners.worker import statesampler  # noqa: E402
 from apache_beam.transforms.util import (  # noqa: E402
     WithLengthBucketKey,
     WithSharedKey,
@@ -205,6 +206,41 @@ def at_end_of_global_window(value: Any) -> Any:
     return GlobalWindows.windowed_value_at_end_of_window(value)
 
 
+def current_step() -> Any:
+    """The step this thread runs now (its state in Beam's state sampler, which holds the step's
+    metrics container), or None outside a worker: metrics updated on another thread count in
+    it through :func:`counting_in`."""
+    tracker = statesampler.get_current_tracker()
+    return None if tracker is None else tracker.current_state()
+
+
+class _StepTracker:
+    """Stands for Beam's state sampler on a thread of beam-turbo's own: Beam's metrics
+    (``Metrics.counter(...).inc()`` and the like) look the sampler up per thread, and without
+    one on the thread they are dropped. This one sends them to one step's container (Beam's
+    own timeout wrapper gives its thread the dispatching thread's whole sampler instead, which
+    counts in whatever step that thread has moved on to)."""
+
+    __slots__ = ("_step",)
+
+    def __init__(self, step: Any) -> None:
+        self._step = step
+
+    def current_state(self) -> Any:
+        return self._step
+
+    def update_metric(self, typed_metric_name: Any, value: Any) -> None:
+        container = self._step.metrics_container
+        if container is not None:
+            container.get_metric_cell(typed_metric_name).update(value)
+
+
+def count_in(step: Any) -> None:
+    """From now on, metrics updated on this thread count in ``step`` (from
+    :func:`current_step`; None: nowhere, as on a thread Beam does not know)."""
+    statesampler.set_current_tracker(None if step is None else _StepTracker(step))
+
+
 def shared_key_dofn() -> Any:
     """Beam's DoFn keying elements by a per-process id, for its stateful batching."""
     return WithSharedKey()
@@ -237,6 +273,8 @@ __all__ = [
     "applies_to_example",
     "at_end_of_global_window",
     "check_beam_version",
+    "count_in",
+    "current_step",
     "inference_dofn_parts",
     "length_bucket_key_dofn",
     "shared_key_dofn",

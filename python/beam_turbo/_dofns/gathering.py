@@ -4,11 +4,15 @@
 - :class:`EmitBatches`: the batch goes out as a list, and the time the work fused downstream
   takes on it teaches the sizer (``BatchElements``, ``SortAndBatchElements``);
 - :class:`RunBatches`: the batch runs through the :class:`~beam_turbo._running.runner.BatchRunner`
-  and its results go out (``RunInference``'s fused path).
+  and its results go out (``RunInference``'s fused path); with batches in flight
+  (:mod:`beam_turbo._running.flight`), on an inference thread while the next is gathered.
 
 Outputs carry the timestamps and windows Beam's two steps give them: a batch, the end of its
 window; results in the global window, the element's that completed the batch (the end of the
-window for what runs at the end of a bundle); in other windows, the end of the window.
+window for what runs at the end of a bundle); in other windows, the end of the window. With
+batches in flight, results in the global window come out with the element that completed a
+later batch (the DoFn does not ask for each element's timestamp: that would take Beam's
+slower invoker for every element), or at the end of the window at the end of a bundle.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from beam_turbo._beam import internals
 from beam_turbo._gathering.gatherer import NO_OUTPUT, Cut, Gatherer, SizedBatch
 from beam_turbo._gathering.sizing import Sizing
 from beam_turbo._running.collector import GcHold, cyclic_gc_paused
+from beam_turbo._running.flight import Flight
 from beam_turbo._running.runner import BatchRunner, HandlerInference, Infer, ModelSource
 
 if TYPE_CHECKING:  # it imports torch where installed, which BatchElements must not do
@@ -125,21 +130,33 @@ class EmitBatches:
     def started(self) -> None:
         """A global-window batch started gathering: nothing to do."""
 
+    def flush(self) -> Iterator[Any]:
+        """Nothing in flight."""
+        return iter(())
+
     def bundle_done(self) -> None:
         """Nothing to report."""
 
     def release(self) -> None:
         """Nothing held."""
 
+    def close(self) -> None:
+        """Nothing to close."""
+
 
 class RunBatches:
     """The action of ``RunInference``'s fused path: each batch runs through the handler (the
     :class:`~beam_turbo._running.runner.BatchRunner`), and its results go out.
 
+    With ``in_flight`` > 0, up to that many batches run on an inference thread while the
+    next is gathered (:class:`~beam_turbo._running.flight.Flight`); their results go out with
+    a later batch's element, or at the end of the bundle (:meth:`flush`). 0: each batch runs
+    as it is gathered.
+
     A global-window batch holds off the cyclic collector while it gathers (its elements,
     torch tensors among them, are tracked: they would be moved to the old generation while
-    they wait), given back when it has run, when a bundle ends or starts, at teardown, and (a
-    failed bundle) when the DoFn is freed.
+    they wait), given back when it has run (or is launched), when a bundle ends or starts, at
+    teardown, and (a failed bundle) when the DoFn is freed.
     """
 
     def __init__(
@@ -155,9 +172,11 @@ class RunBatches:
         exc_class: type[BaseException] | tuple[type[BaseException], ...] | None,
         isolate_failures: bool,
         tables: TableSpec | None = None,
+        in_flight: int = 0,
     ) -> None:
         self._handler = handler
         self._tables = tables
+        self._in_flight = in_flight
         self._clock = clock
         self._metrics_namespace = metrics_namespace
         self._model_tag = model_tag
@@ -203,6 +222,7 @@ class RunBatches:
         )
         self._gc_hold = GcHold()
         weakref.finalize(self, self._gc_hold.give_back)
+        self._flight = Flight(self._in_flight) if self._in_flight > 0 else None
         if exc_class is None:
             self._models.acquire_model()  # fail at once; with exception handling, per batch
 
@@ -210,6 +230,14 @@ class RunBatches:
         self._gc_hold.take()
 
     def take(self, window: Any, batch: SizedBatch, at_end: bool) -> Iterator[Any]:
+        if self._flight is not None:
+            if window is _GLOBAL:
+                self._gc_hold.give_back()  # gathered: the inference thread pauses it
+            self._flight.launch(window, self._run_paused, batch)
+            return self._emitted(self._flight.landed(), at_end)
+        return self._run_here(window, batch, at_end)
+
+    def _run_here(self, window: Any, batch: SizedBatch, at_end: bool) -> Iterator[Any]:
         with cyclic_gc_paused():  # while the batch runs and its results are emitted
             try:
                 outputs = self.outputs(batch)
@@ -225,17 +253,52 @@ class RunBatches:
                 timestamp, windows = window.max_timestamp(), (window,)
             yield from placed(outputs, timestamp, windows)
 
+    def _run_paused(self, batch: SizedBatch) -> list[Any]:
+        with cyclic_gc_paused():
+            return self.outputs(batch)
+
+    def _emitted(self, landed: Iterable[tuple[Any, list[Any]]], at_end: bool) -> Iterator[Any]:
+        """The outputs of batches that landed: in the global window, with the element being
+        processed, or at the end of the window at the end of a bundle; in other windows, at
+        the end of theirs."""
+        with cyclic_gc_paused():  # while their results are emitted
+            for window, outputs in landed:
+                if window is _GLOBAL:
+                    if not at_end:
+                        yield from outputs
+                        continue
+                    timestamp = _END_OF_GLOBAL_WINDOW.timestamp
+                    windows = _END_OF_GLOBAL_WINDOW.windows
+                else:
+                    timestamp, windows = window.max_timestamp(), (window,)
+                yield from placed(outputs, timestamp, windows)
+
     def outputs(self, batch: SizedBatch) -> list[Any]:
         """Run ``batch``: its results and dead-letter entries."""
         return self.runner.run(batch, self._infer(batch)).outputs
+
+    def flush(self) -> Iterator[Any]:
+        """At the end of a bundle: the outputs of every batch in flight, each waited for."""
+        if self._flight is None or not len(self._flight):
+            return iter(())
+        return self._emitted(self._flight.drain(), True)
 
     def bundle_done(self) -> None:
         self._gc_hold.give_back()
         self._models.bundle_done()
 
     def release(self) -> None:
-        """Give back what a batch being gathered holds (a bundle that failed, teardown)."""
+        """Give back what a batch being gathered holds, and wait out the batches a failed
+        bundle left in flight (a bundle that failed, teardown)."""
         self._gc_hold.give_back()
+        if self._flight is not None:
+            self._flight.abandon()
+
+    def close(self) -> None:
+        """At teardown: the inference thread ends."""
+        self.release()
+        if self._flight is not None:
+            self._flight.close()
 
 
 def placed(outputs: Iterable[Any], timestamp: Any, windows: Any) -> Iterator[Any]:
@@ -305,10 +368,11 @@ class GatheringDoFn(beam.DoFn):
     def finish_bundle(self) -> Iterator[Any]:
         for window, batch in self._gatherer.drain():
             yield from self._take(window, batch, True)
+        yield from self._action.flush()
         self._action.bundle_done()
 
     def teardown(self) -> None:
-        self._action.release()
+        self._action.close()
 
 
 class WindowedGatheringDoFn(GatheringDoFn):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -157,6 +158,21 @@ class Sizing:
     def record(self, weight: float, seconds: float) -> None:
         """A batch of ``weight`` took ``seconds``."""
         self.sizer.record(weight, seconds)
+
+    @property
+    def ceiling(self) -> float | None:
+        """The smallest weight that ran out of memory, while the sizer keeps below it."""
+        ceiling = self.sizer.ceiling
+        return None if ceiling is None else float(ceiling)
+
+    def fitting_length(self, length: int, weight: float) -> int:
+        """How many of a batch's ``length`` elements (of ``weight`` in all) to run at once:
+        all, or fewer when batches of its weight have run out of memory (the sizer's ceiling;
+        a batch gathered before the failure was heard of, as with batches in flight)."""
+        ceiling = self.ceiling
+        if ceiling is None or weight < ceiling or length <= 1:
+            return length
+        return max(1, math.ceil(length * ceiling / weight) - 1)
 
     def record_memory_failure(self, weight: float) -> None:
         """A batch of ``weight`` did not fit in memory: the sizer stays below it."""

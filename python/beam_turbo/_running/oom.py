@@ -75,13 +75,15 @@ def run_owning_oom(
     run: Callable[[Sequence[T]], list[R]],
     batch: Sequence[T],
     on_oom: Callable[[Sequence[T]], None] | None = None,
+    fits: int | None = None,
 ) -> list[R]:
     """:func:`run_splitting_on_oom` for the transform: handlers inside ``run`` let their
     out-of-memory errors through, and the splitting happens here. ``on_oom(part)`` is told
-    each part that failed (to teach a batch sizer)."""
+    each part that failed (to teach a batch sizer); ``fits``: the most elements known to fit
+    (default: try the whole batch)."""
     token = _OOM_OWNED.set(True)
     try:
-        return _split_on_oom(run, batch, on_oom) if batch else run(batch)
+        return _split_on_oom(run, batch, on_oom, fits) if batch else run(batch)
     finally:
         _OOM_OWNED.reset(token)
 
@@ -90,9 +92,10 @@ def _split_on_oom(
     run: Callable[[Sequence[T]], list[R]],
     batch: Sequence[T],
     on_oom: Callable[[Sequence[T]], None] | None,
+    fits: int | None = None,
 ) -> list[R]:
     results: list[R] = []
-    start, limit = 0, len(batch)
+    start, limit = 0, len(batch) if fits is None else max(1, fits)
     while start < len(batch):
         # The whole batch is passed as itself (not a copy) while it fits in one go.
         part = batch if limit >= len(batch) else batch[start : start + limit]

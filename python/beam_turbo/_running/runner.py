@@ -123,13 +123,18 @@ class BatchRunner:
             def run(part: Sequence[Any]) -> list[Any]:
                 return isolating(infer, part, isolate)
 
+        fits = None
+        sizing = self._sizing
+        if sizing is not None and sizing.ceiling is not None:
+            # Below a memory ceiling heard of since it was gathered (batches in flight).
+            fits = sizing.fitting_length(len(elements), part_weight(batch, elements, sizing))
         try:
             if self._exc_class is None:
-                return BatchOutcome(run_owning_oom(run, elements, out_of_memory))
+                return BatchOutcome(run_owning_oom(run, elements, out_of_memory, fits))
             try:
                 if self._prepare is not None:
                     self._prepare()
-                outputs = run_owning_oom(run, elements, out_of_memory)
+                outputs = run_owning_oom(run, elements, out_of_memory, fits)
             except self._exc_class as error:
                 return BatchOutcome([dead_letter(elements, error)], len(elements))
             return BatchOutcome(outputs, _dead_lettered(outputs) if isolate is not None else 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from beam_turbo._arrays.tables import TableRows, TableSpec
+from beam_turbo._arrays.tables import TableRows, TableSpec, check_columns
 from beam_turbo._running.runner import HandlerInference
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
@@ -52,10 +52,14 @@ class TableInference(HandlerInference):
         super().__init__(**inference)
         self._spec = spec
         self._matrix_bytes = 0
+        self._checked = False
 
     def run(self, part: Sequence[Any], model: Any) -> list[Any]:
         assert isinstance(part, TableRows)
         spec = self._spec
+        if not self._checked:  # the columns' rule, at the first batch (the next are alike)
+            check_columns(part.pieces[0], spec)
+            self._checked = True
         features = spec.features_of(part.pieces[0])
         matrix = part.feature_matrix(features, spec.feature_dtype)
         self._matrix_bytes = int(matrix.nbytes)

@@ -1,0 +1,183 @@
+"""Batches in flight (``RunInference(...).with_batches_in_flight(n)``): the model runs on an
+inference thread while the DoFn gathers the next batch; results, metrics, errors and memory
+failures as when each batch runs as it is gathered."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference import base
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_turbo import RunInference
+from beam_turbo._gathering.gatherer import SizedBatch
+from beam_turbo._gathering.sizing import Sizing
+from beam_turbo._running.runner import BatchRunner
+from beam_turbo.errors import InvalidInputError
+
+#: Set when the DoFn gathers the element that opens the second batch (the step before
+#: RunInference sees it): the DirectRunner runs a pipeline in this process.
+_SECOND_BATCH_GATHERING = threading.Event()
+_SEEN: list[tuple[str, bool]] = []  # (the thread a batch ran on, whether the event was set)
+
+
+class Fours(base.ModelHandler[float, base.PredictionResult, int]):
+    """Doubles, four at a time; the first batch waits (up to ``wait`` seconds) for the DoFn
+    to gather the second, which it can only do while this one runs on another thread."""
+
+    def __init__(self, wait: float = 0.0) -> None:
+        self._wait = wait
+
+    def load_model(self) -> int:
+        return 2
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        return {"min_batch_size": 4, "max_batch_size": 4}
+
+    def run_inference(
+        self, batch: Sequence[float], model: int, inference_args: Any = None
+    ) -> Iterable[base.PredictionResult]:
+        overlapped = True
+        if batch[0] == 0 and self._wait:
+            overlapped = _SECOND_BATCH_GATHERING.wait(self._wait)
+        _SEEN.append((threading.current_thread().name, overlapped))
+        return [base.PredictionResult(x, x * model) for x in batch]
+
+
+def _note_gathering(x: float) -> float:
+    if x == 4:  # the first element of the second batch
+        _SECOND_BATCH_GATHERING.set()
+    return x
+
+
+def _doubled(in_flight: int, wait: float, n: int = 16) -> None:
+    _SECOND_BATCH_GATHERING.clear()
+    _SEEN.clear()
+    data = [float(i) for i in range(n)]
+    with beam.Pipeline() as pipeline:
+        out = (
+            pipeline
+            | beam.Create(data, reshuffle=False)
+            | beam.Map(_note_gathering)
+            | RunInference(Fours(wait)).with_batches_in_flight(in_flight)
+            | beam.Map(lambda r: (r.example, r.inference))
+        )
+        assert_that(out, equal_to([(x, 2 * x) for x in data]))
+
+
+def test_the_model_runs_while_the_next_batch_is_gathered() -> None:
+    # Serially, the first batch would wait out its 30 s and note that nothing overlapped.
+    _doubled(in_flight=1, wait=30.0)
+    assert _SEEN[0] == (_SEEN[0][0], True), _SEEN
+    assert all(name.startswith("beam-turbo-inference") for name, _ in _SEEN), _SEEN
+
+
+def test_serial_runs_each_batch_on_the_dofns_thread_as_it_is_gathered() -> None:
+    _doubled(in_flight=0, wait=0.2)
+    assert _SEEN[0][1] is False, "serially, nothing is gathered while a batch runs"
+    assert not any(name.startswith("beam-turbo-inference") for name, _ in _SEEN), _SEEN
+
+
+@pytest.mark.parametrize("in_flight", [0, 1, 3])
+def test_beams_metrics_count_every_element_whichever_thread_runs_it(in_flight: int) -> None:
+    data = [float(i) for i in range(50)]
+    pipeline = beam.Pipeline()
+    _ = (
+        pipeline
+        | beam.Create(data)
+        | RunInference(Fours(), metrics_namespace="in_flight").with_batches_in_flight(in_flight)
+    )
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(MetricsFilter().with_namespace("in_flight"))["counters"]
+    by_name = {c.key.metric.name: c.committed for c in counters}
+    assert by_name.get("num_inferences") == len(data), by_name
+
+
+class Raising(Fours):
+    def run_inference(
+        self, batch: Sequence[float], model: int, inference_args: Any = None
+    ) -> Iterable[base.PredictionResult]:
+        if 9 in batch:
+            raise ValueError("element 9 is bad")
+        return super().run_inference(batch, model, inference_args)
+
+
+def test_an_error_in_flight_fails_the_pipeline_with_its_message() -> None:
+    with pytest.raises(Exception, match="element 9 is bad"), beam.Pipeline() as pipeline:
+        _ = pipeline | beam.Create([float(i) for i in range(20)]) | RunInference(Raising())
+
+
+def test_an_error_in_flight_goes_to_the_dead_letters_with_its_batch() -> None:
+    data = [float(i) for i in range(20)]
+    with beam.Pipeline() as pipeline:
+        results, dlq = (
+            pipeline
+            | beam.Create(data, reshuffle=False)
+            | RunInference(Raising()).with_exception_handling(isolate_failures=True)
+        )
+        assert_that(results | beam.Map(lambda r: r.example), equal_to(data[:9] + data[10:]))
+        dead = dlq.failed_inferences | beam.FlatMap(lambda failure: failure[0])
+        assert_that(dead, equal_to([9.0]), label="dead")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+        ["--direct_running_mode=multi_threading", "--direct_num_workers=2"],
+    ],
+    ids=["multi-process", "multi-thread"],
+)
+def test_results_equal_serial_on_the_direct_runners_parallel_modes(options: list[str]) -> None:
+    from sklearn.linear_model import LinearRegression
+
+    from beam_turbo.sklearn import SklearnModelHandlerNumpy
+
+    rng = np.random.default_rng(0)
+    features = rng.random((64, 4))
+    model = LinearRegression().fit(features, features @ [1.0, 2.0, 3.0, 4.0])
+    data = [rng.random(4) for _ in range(3000)]
+    expected = [round(float(p), 9) for p in model.predict(np.stack(data))]
+    handler = SklearnModelHandlerNumpy(model_uri="unused", max_batch_size=64)
+    handler.load_model = lambda: model  # type: ignore[method-assign]
+    with beam.Pipeline(options=PipelineOptions(options)) as pipeline:
+        out = (
+            pipeline
+            | beam.Create(data)
+            | RunInference(handler).with_batches_in_flight(2)
+            | beam.Map(lambda r: round(float(r.inference), 9))
+        )
+        assert_that(out, equal_to(expected))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True, None])
+def test_batches_in_flight_must_be_a_count(bad: Any) -> None:
+    with pytest.raises(InvalidInputError, match="with_batches_in_flight takes an int >= 0"):
+        RunInference(Fours()).with_batches_in_flight(bad)
+
+
+def test_a_batch_gathered_before_a_memory_failure_runs_in_parts_below_it() -> None:
+    """In flight, the next batch is gathered before the one running fails for memory: it is
+    run in parts below the ceiling the failure set, not tried whole."""
+    sizing = Sizing.from_batching_args({"min_batch_size": 1, "max_batch_size": 64})
+    sizing.record_memory_failure(16)
+    runner = BatchRunner(namespace="t", sizing=sizing)
+    parts: list[int] = []
+
+    def infer(part: Sequence[int]) -> list[int]:
+        parts.append(len(part))
+        return [2 * x for x in part]
+
+    elements = list(range(40))
+    outcome = runner.run(SizedBatch(40.0, elements, 40.0), infer)
+    assert outcome.outputs == [2 * x for x in elements]
+    assert parts == [15, 15, 10], parts

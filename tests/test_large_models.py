@@ -32,6 +32,7 @@ from beam_turbo import RunInference
 from beam_turbo.errors import ModelNotFoundError
 from beam_turbo.pytorch import PytorchModelHandlerTensor
 from beam_turbo.sklearn import SklearnModelHandlerNumpy
+from tests.test_model_refresh import NUMBERS, AddingHandler, copy_of
 
 MULTI_PROCESS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
@@ -150,6 +151,13 @@ def check_against_stock_beam(
     )
     ours = run(fused, elements, want, options)
     assert "beam_turbo_batch_size" in ours, "the fused path ran"  # only HandlerInference's
+    # Beam's MultiProcessShared served each copy: its address file, by copy tag.
+    copies = handler.model_copies()
+    for served in (f"{tag}-stock", f"{tag}-turbo"):
+        found = sorted(
+            Path(p).name for p in glob.glob(f"{tempfile.gettempdir()}/{served}[0-9]*.address")
+        )
+        assert found == [f"{served}{i}.address" for i in range(copies)]
     assert ours["num_inferences"] == stock["num_inferences"] == len(elements)
     # Batches of four (min = max), so the same batches: one latency each.
     batches = len(elements) // 4
@@ -192,6 +200,33 @@ def test_two_worker_processes_without_sharing_load_two_copies(tmp_path: Path, ta
     _, handler, predict = handlers("sklearn", tmp_path)
     ours = run(RunInference(handler), inputs("sklearn"), expected(predict), MULTI_PROCESS)
     assert ours["load_model_latency_milli_secs"] == 2
+
+
+@pytest.mark.slow
+def test_two_worker_processes_hold_one_copy_of_the_weights(tmp_path: Path) -> None:
+    """The memory itself (``beam-turbo bench large-model``'s sampler, about 30 s a
+    pipeline): with ``large_model=True`` one worker holds the weights (an anonymous mapping of
+    their size, resident); without, both."""
+    from apache_beam.ml.inference.sklearn_inference import ModelFileType
+
+    from beam_turbo.bench import large_model as bench
+
+    model_mb, features = 100.0, 200  # weights over glibc's 64 MB arenas: told apart
+    path = str(bench.build_model(tmp_path, model_mb, features))
+    weights_bytes = bench.first_layer_bytes(model_mb, features)
+    data = list(np.random.default_rng(1).random((64, features)))
+    holders = {}
+    for large_model in (True, False):
+        handler = SklearnModelHandlerNumpy(
+            path,
+            model_file_type=ModelFileType.JOBLIB,
+            large_model=large_model,
+            min_batch_size=8,
+            max_batch_size=8,
+        )
+        result = bench.one_run("", RunInference, handler, data, tmp_path, weights_bytes)
+        holders[large_model] = len(result.peaks.holders)
+    assert holders == {True: 1, False: 2}
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -267,3 +302,14 @@ def test_a_shared_model_that_never_loads_fails_the_pipeline_naming_the_file(
     _ = pipeline | beam.Create(rows(4)) | transform
     with pytest.raises(Exception, match=r"nowhere\.pkl does not exist"):
         pipeline.run().wait_until_finish()
+
+
+def test_copies_take_turns_with_exception_handling_too() -> None:
+    """With exception handling, the runner makes sure of the model before each batch: that
+    must not take a turn, or with two copies in one process every batch would get the same."""
+    handler = AddingHandler(min_batch_size=2, max_batch_size=2, model_copies=2)
+    transform = RunInference(handler).with_exception_handling()
+    with beam.Pipeline() as pipeline:
+        results, _ = pipeline | beam.Create(NUMBERS) | transform
+        copies = results | beam.Map(copy_of) | beam.Distinct() | beam.combiners.Count.Globally()
+        assert_that(copies, equal_to([2]))

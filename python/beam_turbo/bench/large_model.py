@@ -7,9 +7,10 @@ Beam's ``RunInference`` and with beam-turbo's, each without and with ``large_mod
 While each runs, the memory of every process under this one (the workers; a model shared
 across processes is served from inside the worker that loaded it) is sampled from
 ``/proc/<pid>/smaps_rollup``: the peak of the sum of their PSS (shared pages divided among
-the processes that map them), the same for RSS, and the copies of the model that this
-means: the PSS sum over a baseline run's (the same pipeline and model with 1 MB of weights),
-over the model's size. Each run's predictions are summed and checked against the others'.
+the processes that map them) and of their RSS, beside a baseline run's (the same pipeline,
+its model 1 MB); and, from ``/proc/<pid>/smaps``, which workers hold the weights (a resident
+anonymous mapping of the first layer's size: numpy gives an array that large a mapping of its
+own). Each run's predictions are summed and checked against the others'.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def build_model(folder: Path, megabytes: float, features: int) -> Path:
     return path
 
 
+def first_layer_bytes(model_mb: float, features: int) -> int:
+    """The first layer's weights in :func:`build_model`'s MLP, less a margin: a resident
+    mapping that large is a copy of them."""
+    return int(0.9 * model_mb * MB * features / (features + 1))
+
+
 def descendants(root: int) -> list[int]:
     """The processes under ``root`` (children, theirs, ...), from ``/proc``."""
     parents: dict[int, int] = {}
@@ -93,19 +100,49 @@ def memory(pid: int) -> tuple[int, int] | None:
     return fields["Pss"], fields["Rss"]
 
 
+#: Below this, an anonymous mapping may be a malloc arena (glibc's take up to 64 MB), not the
+#: weights: the workers holding them are not counted for a model so small.
+MIN_DETECTABLE_WEIGHTS = 80 * 2**20
+
+
+def holds(pid: int, resident_bytes: int) -> bool:
+    """Whether ``pid`` has an anonymous mapping with at least ``resident_bytes`` resident: a
+    weight matrix that large (numpy allocates it as a mapping of its own), when it is at
+    least :data:`MIN_DETECTABLE_WEIGHTS`."""
+    if resident_bytes < MIN_DETECTABLE_WEIGHTS:
+        return False
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return False
+    anonymous = False
+    for line in text.splitlines():
+        first = line.split(maxsplit=6)
+        if "-" in first[0] and len(first) >= 5:  # a mapping's header: no path, inode 0
+            anonymous = len(first) == 5 and first[4] == "0"
+        elif anonymous and first[0] == "Rss:" and int(first[1]) * 1024 >= resident_bytes:
+            return True
+    return False
+
+
 @dataclasses.dataclass
 class Peaks:
-    """What the sampler saw: the peak sums, each process's own PSS peak, the samples."""
+    """What the sampler saw: the peak sums, each process's own PSS peak, the processes seen
+    holding the weights, the samples."""
 
     pss: int = 0
     rss: int = 0
     per_process: dict[int, int] = dataclasses.field(default_factory=dict)
+    holders: set[int] = dataclasses.field(default_factory=set)
     samples: int = 0
 
 
-def sampling(root: int, interval_secs: float) -> tuple[Peaks, Callable[[], None]]:
-    """Start sampling the memory of ``root``'s descendants every ``interval_secs``: the
-    peaks, filled in as it goes, and the function that stops it (after one last sample)."""
+def sampling(
+    root: int, interval_secs: float, weights_bytes: int
+) -> tuple[Peaks, Callable[[], None]]:
+    """Start sampling the memory of ``root``'s descendants every ``interval_secs`` (and which
+    hold a mapping of ``weights_bytes``, every fifth): the peaks, filled in as it goes, and
+    the function that stops it."""
     peaks = Peaks()
     stop = threading.Event()
 
@@ -118,6 +155,8 @@ def sampling(root: int, interval_secs: float) -> tuple[Peaks, Callable[[], None]
             pss += found[0]
             rss += found[1]
             peaks.per_process[pid] = max(peaks.per_process.get(pid, 0), found[0])
+            if peaks.samples % 5 == 0 and pid not in peaks.holders and holds(pid, weights_bytes):
+                peaks.holders.add(pid)
         peaks.pss, peaks.rss = max(peaks.pss, pss), max(peaks.rss, rss)
         peaks.samples += 1
 
@@ -149,18 +188,21 @@ class Run:
 
 
 def one_run(
-    name: str, transform: Callable[..., Any], handler: Any, rows: list[Any], folder: Path
+    name: str,
+    transform: Callable[..., Any],
+    handler: Any,
+    rows: list[Any],
+    folder: Path,
+    weights_bytes: int,
 ) -> Run:
     """Run the pipeline with ``transform(handler)`` on two worker processes, sampling."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    options = PipelineOptions(
-        ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-    )
+    options = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
     out = folder / f"sum-{uuid.uuid4().hex}"
     tag = f"beam-turbo-bench-{uuid.uuid4().hex}"
-    peaks, stop = sampling(os.getpid(), 0.1)
+    peaks, stop = sampling(os.getpid(), 0.1, weights_bytes)
     start = time.perf_counter()
     try:
         with beam.Pipeline(options=options) as pipeline:
@@ -201,6 +243,7 @@ def runs(model_mb: float, features: int, elements: int) -> Iterator[tuple[str, R
         (folder / "small").mkdir()
         small = str(build_model(folder / "small", 1.0, features))
         path = str(build_model(folder, model_mb, features))
+        weights_bytes = first_layer_bytes(model_mb, features)
         for label, transform, module in (
             ("stock Beam", base.RunInference, beam_sklearn),
             ("beam-turbo", RunInference, turbo_sklearn),
@@ -213,39 +256,40 @@ def runs(model_mb: float, features: int, elements: int) -> Iterator[tuple[str, R
                 handler = module.SklearnModelHandlerNumpy(
                     model, model_file_type=ModelFileType.JOBLIB, large_model=large_model, **batching
                 )
-                yield label, one_run(f"{label}, {sharing}", transform, handler, rows, folder)
+                name = f"{label}, {sharing}"
+                yield label, one_run(name, transform, handler, rows, folder, weights_bytes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model-mb", type=float, default=200.0, help="the model's weights, MB")
     parser.add_argument("--features", type=int, default=1000, help="the model's inputs")
     parser.add_argument("--elements", type=int, default=256, help="rows scored per pipeline")
-    parser.add_argument("--quick", action="store_true", help="a 40 MB model (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="a 100 MB model (a smoke run)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    model_mb = 40.0 if args.quick else args.model_mb
+    model_mb = 100.0 if args.quick else args.model_mb
     print(
         f"An MLP of {model_mb:g} MB, {args.elements} rows, DirectRunner with two worker "
-        "processes; the memory of every process under this one, sampled every 0.1 s (peaks). "
-        "Copies: (the peak PSS sum - the baseline's) / the model's size. Timings here are "
-        "noisy, memory much less."
+        "processes; the memory of every process under this one, sampled every 0.1 s (peaks), "
+        "and the workers seen holding the weights (a resident anonymous mapping of the weight "
+        "matrix's size). Timings here are noisy; the peaks vary by about 100 MB a worker."
     )
     results = list(runs(model_mb, args.features, args.elements))
+    weights_bytes = first_layer_bytes(model_mb, args.features)
     baselines = {label: r.peaks.pss for label, r in results if r.name.endswith(BASELINE)}
     table = []
     for label, result in results:
         largest = sorted(result.peaks.per_process.values(), reverse=True)[:2]
-        over = (result.peaks.pss - baselines[label]) / MB
         table.append(
             [
                 result.name,
                 f"{result.peaks.pss / MB:.0f}",
+                f"{(result.peaks.pss - baselines[label]) / MB:+.0f}",
                 f"{result.peaks.rss / MB:.0f}",
                 " ".join(f"{p / MB:.0f}" for p in largest),
-                f"{over:+.0f}",
-                "" if result.name.endswith(BASELINE) else f"{over / model_mb:.2f}",
+                len(result.peaks.holders) if weights_bytes >= MIN_DETECTABLE_WEIGHTS else "n/a",
                 f"{result.seconds:.1f}",
             ]
         )
@@ -253,10 +297,10 @@ def run(args: argparse.Namespace) -> int:
         [
             "run",
             "peak PSS sum MB",
+            "over baseline",
             "peak RSS sum MB",
             "workers' PSS peaks MB",
-            "over baseline MB",
-            "copies",
+            "holding the weights",
             "wall s",
         ],
         table,

@@ -313,3 +313,25 @@ def test_copies_take_turns_with_exception_handling_too() -> None:
         results, _ = pipeline | beam.Create(NUMBERS) | transform
         copies = results | beam.Map(copy_of) | beam.Distinct() | beam.combiners.Count.Globally()
         assert_that(copies, equal_to([2]))
+
+
+def test_tables_score_through_the_shared_model(tmp_path: Path) -> None:
+    """``with_tables`` fuses with ``large_model`` too: the table's feature matrix goes to the
+    shared model through the proxy."""
+    from tests.test_tables import FEATURES, check_scored, table
+
+    data = table(0, 300, seed=7)
+    x = np.column_stack([data[name].to_numpy() for name in FEATURES])
+    model = LinearRegression().fit(x, x @ np.arange(1.0, 5.0) + 0.5)
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(model))
+    handler = SklearnModelHandlerNumpy(
+        str(path), large_model=True, min_batch_size=64, max_batch_size=64
+    )
+    served = os.path.join(tempfile.gettempdir(), "[0-9a-f]" * 32 + "0.address")
+    before = set(glob.glob(served))  # the transform's tag: a uuid's 32 hex digits
+    check_scored([table(0, 100), table(100, 150)], handler, model, "Table")
+    new = set(glob.glob(served)) - before
+    assert new, "Beam's MultiProcessShared served the model"
+    for path_served in new:
+        os.remove(path_served)

@@ -335,3 +335,18 @@ def test_tables_score_through_the_shared_model(tmp_path: Path) -> None:
     assert new, "Beam's MultiProcessShared served the model"
     for path_served in new:
         os.remove(path_served)
+
+
+def test_batches_kept_in_keyed_state_run_on_the_shared_model(tmp_path: Path, tag: str) -> None:
+    """``max_batch_duration_secs`` (batches across bundles, in keyed state) with
+    ``large_model``: the stateful inference DoFn takes the model from the same source."""
+    path, predict = save_sklearn(tmp_path)
+    handler = SklearnModelHandlerNumpy(
+        path, large_model=True, min_batch_size=4, max_batch_size=4, max_batch_duration_secs=60
+    )
+    transform = RunInference(handler, model_identifier=tag)
+    assert transform._can_fuse()
+    ours = run(transform, rows(), expected(predict), [])
+    assert ours["num_inferences"] == len(rows())
+    served = glob.glob(f"{tempfile.gettempdir()}/{tag}[0-9]*.address")
+    assert [Path(p).name for p in served] == [f"{tag}0.address"]

@@ -350,3 +350,44 @@ def test_batches_kept_in_keyed_state_run_on_the_shared_model(tmp_path: Path, tag
     assert ours["num_inferences"] == len(rows())
     served = glob.glob(f"{tempfile.gettempdir()}/{tag}[0-9]*.address")
     assert [Path(p).name for p in served] == [f"{tag}0.address"]
+
+
+class SmallBatchesOnly:
+    """A model that runs out of memory on a batch of more than two."""
+
+    def predict(self, batch: list[int]) -> list[int]:
+        if len(batch) > 2:
+            raise MemoryError(f"a batch of {len(batch)}")
+        return [x * 10 for x in batch]
+
+
+class SmallBatchesHandler(base.ModelHandler[int, base.PredictionResult, SmallBatchesOnly]):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(min_batch_size=8, max_batch_size=8, large_model=True, **kwargs)
+
+    def load_model(self) -> SmallBatchesOnly:
+        return SmallBatchesOnly()
+
+    def run_inference(
+        self, batch: Sequence[int], model: SmallBatchesOnly, inference_args: Any = None
+    ) -> list[base.PredictionResult]:
+        return [
+            base.PredictionResult(x, y)
+            for x, y in zip(batch, model.predict(list(batch)), strict=True)
+        ]
+
+
+def test_a_shared_model_out_of_memory_splits_the_batch(tag: str) -> None:
+    """The model's MemoryError comes back through the proxy as itself: the batch is split
+    until it fits, and every element gets its result."""
+    data = list(range(20))
+    with beam.Pipeline() as pipeline:
+        results = (
+            pipeline
+            | beam.Create(data)
+            | RunInference(SmallBatchesHandler(), model_identifier=tag)
+            | beam.Map(lambda r: (r.example, r.inference))
+        )
+        assert_that(results, equal_to([(x, x * 10) for x in data]))
+    served = glob.glob(f"{tempfile.gettempdir()}/{tag}[0-9]*.address")
+    assert [Path(p).name for p in served] == [f"{tag}0.address"]

@@ -234,10 +234,12 @@ class RunInference(base.RunInference):
         ``inference_args`` given as a side input,
         exception handling with a ``timeout`` or ``use_subprocess`` (Beam's wrappers time and
         isolate each ``process`` call, and a fused DoFn buffers across calls), the model
-        manager or cross-process models, no batching, or batching options outside beam-turbo's
-        (a custom handler's). Plain exception handling fuses: the fused DoFn sends every
-        element of a failing batch to the dead-letter output itself. ``max_batch_duration_secs``
-        fuses too, batching across bundles in keyed state (``_dofns.keyed_state``).
+        manager, no batching, or batching options outside beam-turbo's (a custom handler's).
+        Plain exception handling fuses: the fused DoFn sends every element of a failing batch
+        to the dead-letter output itself. ``max_batch_duration_secs`` fuses too, batching
+        across bundles in keyed state (``_dofns.keyed_state``). So do models shared across
+        processes (``large_model``, ``model_copies``): the fused DoFn gets them as Beam's does
+        (``_running.loading.SharedModels``).
         """
         handler = self._model_handler
         wrapped = self._with_exception_handling and (
@@ -250,7 +252,6 @@ class RunInference(base.RunInference):
             and not self._watch_model_pattern
             and not wrapped
             and not self._use_model_manager
-            and not handler.share_model_across_processes()
             and not handler.should_skip_batching()
             and set(handler.batch_elements_kwargs()) <= BATCHING_ARGS | LENGTH_ARGS | STREAMING_ARGS
         )
@@ -266,8 +267,7 @@ class RunInference(base.RunInference):
             raise InvalidInputError(
                 "with_tables() scores tables in one fused step; it does not take a model side "
                 "input, watch_model_pattern, an inference_args side input, the model manager, "
-                "large_model/model_copies, timeout= or use_subprocess=True, nor a handler "
-                "without batching"
+                "timeout= or use_subprocess=True, nor a handler without batching"
             )
         if self._can_fuse():
             results, bad_inference = self._infer_fused(pcoll)

@@ -9,7 +9,7 @@ there), naming a Python that has the other Beam installed (scripts/overlay.sh ma
 The names are found, not listed by hand:
 
 - every Beam object the internals module (the one that defines ``SUPPORTED_BEAM``) holds:
-  what it imports from Beam, and what it imports on first use (``_INFERENCE_BASE_NAMES``);
+  what it imports from Beam, and what it imports on first use (``_LAZY_NAMES``);
 - the Beam class attributes beam-turbo mirrors as constants, and the behaviour it was read to
   rely on (``READ``);
 - for each beam-turbo class with a Beam class among its bases: each private attribute (and
@@ -143,7 +143,7 @@ def discover() -> list[Entry]:
     modules = _beam_turbo_modules()
     internals = next(m for m in modules if hasattr(m, "SUPPORTED_BEAM"))
     held = {name: getattr(internals, name) for name in dir(internals)}
-    for name in getattr(internals, "_INFERENCE_BASE_NAMES", {}):
+    for name in getattr(internals, "_LAZY_NAMES", {}):
         held[name] = getattr(internals, name)
     for value in held.values():
         if _from_beam(value) and hasattr(value, "__qualname__") and not inspect.ismodule(value):

@@ -1,6 +1,7 @@
-"""beam_turbo.RunInference with the options that take Beam's two-step path: a watched model
-folder (``watch_model_pattern``), Beam's model manager (``use_model_manager``), models shared
-across processes (``large_model`` / ``model_copies``) and keyed handlers with many models.
+"""beam_turbo.RunInference with a watched model folder (``watch_model_pattern``) and Beam's
+model manager (``use_model_manager``), which take Beam's two-step path, and models shared
+across processes (``large_model`` / ``model_copies``) and keyed handlers with many models
+(whose model manager Beam shares across processes), which fuse (tests/test_large_models.py).
 Each runs a real pipeline and is checked against stock Beam's ``RunInference``.
 
 What a DirectRunner can show of ``watch_model_pattern`` (Beam 2.77): Beam's own tests only

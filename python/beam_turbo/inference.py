@@ -28,15 +28,16 @@ from apache_beam.coders import typecoders
 from apache_beam.ml.inference import base
 from apache_beam.transforms import window as beam_window
 
-from beam_turbo._arrays.tables import TableSpec
+from beam_turbo._arrays.tables import TableSpec, row_count
 from beam_turbo._dofns.beam_inference import BeamInferenceDoFn
 from beam_turbo._dofns.gathering import GatheringDoFn, RunBatches, WindowedGatheringDoFn
 from beam_turbo._dofns.keyed_state import keying_dofn, stateful_inference_dofn
+from beam_turbo._dofns.rows import TableRowsDoFn, row_type, rows_spec
 from beam_turbo._gathering.gatherer import POOL_BATCHES, by_length, unkeyed_length
 from beam_turbo._gathering.sizing import BATCHING_ARGS, LENGTH_ARGS, STREAMING_ARGS, Sizing
 from beam_turbo._running.dead_letters import DEAD_LETTER_TAG, MAIN_TAG, check_threshold
 from beam_turbo._running.flight import DEFAULT_BATCHES_IN_FLIGHT
-from beam_turbo._running.tables import check_scores_tables
+from beam_turbo._running.tables import check_scores_tables, check_unbatched_by_length
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
@@ -161,6 +162,13 @@ class RunInference(base.RunInference):
         handling, failing rows reach the dead letters as rows (dicts); with
         ``isolate_failures=True`` the batch is halved to find them and the rest are scored.
 
+        Schema'd rows (Beam ``Row``s, NamedTuples: ``ReadFromParquet(as_rows=True)``,
+        ``beam.Select``) are scored as Arrow tables too: Beam hands them over in its batches
+        where the producer is batched, the columns are checked against the schema when the
+        pipeline is built, and rows come out (the kept fields, then the prediction, float64
+        unless ``prediction_dtype``), in Arrow batches for a batched step after (Beam's
+        ``WriteToParquet`` without a schema). See ``docs/tables.md``.
+
         The handler must score a matrix (``predict_matrix``): beam-turbo's
         ``SklearnModelHandlerNumpy``, ``SklearnModelHandlerPandas``,
         ``PytorchModelHandlerTensor`` and ``TFModelHandlerNumpy`` do.
@@ -171,6 +179,7 @@ class RunInference(base.RunInference):
             >>> #    | beam.io.WriteToParquetBatched("out", schema))
         """
         check_scores_tables(self._model_handler)
+        check_unbatched_by_length(self._model_handler)
         if not prediction_column:
             raise InvalidInputError("prediction_column must be a non-empty column name")
         self._tables = TableSpec(
@@ -225,10 +234,12 @@ class RunInference(base.RunInference):
         ``inference_args`` given as a side input,
         exception handling with a ``timeout`` or ``use_subprocess`` (Beam's wrappers time and
         isolate each ``process`` call, and a fused DoFn buffers across calls), the model
-        manager or cross-process models, no batching, or batching options outside beam-turbo's
-        (a custom handler's). Plain exception handling fuses: the fused DoFn sends every
-        element of a failing batch to the dead-letter output itself. ``max_batch_duration_secs``
-        fuses too, batching across bundles in keyed state (``_dofns.keyed_state``).
+        manager, no batching, or batching options outside beam-turbo's (a custom handler's).
+        Plain exception handling fuses: the fused DoFn sends every element of a failing batch
+        to the dead-letter output itself. ``max_batch_duration_secs`` fuses too, batching
+        across bundles in keyed state (``_dofns.keyed_state``). So do models shared across
+        processes (``large_model``, ``model_copies``): the fused DoFn gets them as Beam's does
+        (``_running.loading.SharedModels``).
         """
         handler = self._model_handler
         wrapped = self._with_exception_handling and (
@@ -241,7 +252,6 @@ class RunInference(base.RunInference):
             and not self._watch_model_pattern
             and not wrapped
             and not self._use_model_manager
-            and not handler.share_model_across_processes()
             and not handler.should_skip_batching()
             and set(handler.batch_elements_kwargs()) <= BATCHING_ARGS | LENGTH_ARGS | STREAMING_ARGS
         )
@@ -257,8 +267,7 @@ class RunInference(base.RunInference):
             raise InvalidInputError(
                 "with_tables() scores tables in one fused step; it does not take a model side "
                 "input, watch_model_pattern, an inference_args side input, the model manager, "
-                "large_model/model_copies, timeout= or use_subprocess=True, nor a handler "
-                "without batching"
+                "timeout= or use_subprocess=True, nor a handler without batching"
             )
         if self._can_fuse():
             results, bad_inference = self._infer_fused(pcoll)
@@ -279,12 +288,14 @@ class RunInference(base.RunInference):
             batching_args.setdefault(
                 "min_batch_size", min(TABLE_MIN_BATCH_ROWS, batching_args["max_batch_size"])
             )
-            if "max_batch_duration_secs" in batching_args or "length_fn" in batching_args:
-                raise InvalidInputError(
-                    "with_tables() does not batch across bundles (max_batch_duration_secs) "
-                    "nor by length (batch_length_fn) yet"
-                )
         sizing = Sizing.from_batching_args(batching_args)
+        tables = self._tables
+        rows: dict[str, Any] | None = None
+        schema = None if tables is None else row_type(pcoll.element_type)
+        if tables is not None and schema is not None:
+            # Schema'd rows: checked against their schema now; Beam's Arrow batches in and out.
+            tables, output_type = rows_spec(schema, tables)
+            rows = {"input_type": schema, "output_type": output_type}
         action = RunBatches(
             handler=handler,
             clock=self._clock,
@@ -295,7 +306,7 @@ class RunInference(base.RunInference):
             backoff_secs=self._model_load_backoff_secs,
             exc_class=self._exc_class if self._with_exception_handling else None,
             isolate_failures=self._isolate_failures,
-            tables=self._tables,
+            tables=tables,
             # Across bundles a batch is run where a timer or an element closes it.
             in_flight=0 if "max_batch_duration_secs" in batching_args else self._batches_in_flight,
         )
@@ -303,7 +314,14 @@ class RunInference(base.RunInference):
         length_fn = batching_args.get("length_fn")
         fused: beam.DoFn
         batched = pcoll
-        if max_buffering_secs is not None:
+        if rows is not None:
+            if max_buffering_secs is not None:
+                raise InvalidInputError(
+                    "with_tables() on schema'd rows batches within Beam's batches and bundles: "
+                    "it does not take max_batch_duration_secs"
+                )
+            fused = TableRowsDoFn(sizing=sizing, action=action, **rows)
+        elif max_buffering_secs is not None:
             # Across bundles, in keyed state: keyed as Beam's stateful batching keys.
             fused = stateful_inference_dofn(
                 input_coder=typecoders.registry.get_coder(pcoll),
@@ -311,6 +329,7 @@ class RunInference(base.RunInference):
                 sizing=sizing,
                 clock=self._clock,
                 action=action,
+                rows=self._tables is not None,
             )
             keying, key_type = keying_dofn(handler)
             keyed = beam.ParDo(keying).with_output_types(
@@ -337,7 +356,10 @@ class RunInference(base.RunInference):
             )
         bad_inference = outputs[DEAD_LETTER_TAG]
         if self._threshold < 1:
-            check_threshold(pcoll, bad_inference, self._threshold)
+            # Tables: a failing row is a dead letter, so the share is of rows (a schema'd
+            # row is one already).
+            count = row_count if self._tables is not None and rows is None else None
+            check_threshold(pcoll, bad_inference, self._threshold, count)
         return outputs[MAIN_TAG], bad_inference
 
     def _infer_with_beams_dofn(self, pcoll: beam.PCollection) -> tuple[Any, Any]:

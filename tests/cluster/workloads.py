@@ -455,3 +455,118 @@ def loads_per_pid(path: Path) -> Counter[int]:
     if not path.exists():
         return Counter()
     return Counter(int(pid) for pid in path.read_text().split())
+
+
+# --- tables: RunInference(...).with_tables() against stock Beam's row by row ----------------
+
+#: The feature columns of the Parquet rows: ``sklearn_inputs``' features, ``f0`` the index.
+TABLE_FEATURES = [f"f{i}" for i in range(FEATURES)]
+
+
+def write_parquet(folder: Path, n: int, files: int, row_group_rows: int) -> str:
+    """``sklearn_inputs(n)`` as Parquet (``id`` and the float64 ``TABLE_FEATURES``) in
+    ``files`` files of row groups of ``row_group_rows``: their pattern."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = np.stack(sklearn_inputs(n))
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, ids in enumerate(np.array_split(np.arange(n), files)):
+        columns = {"id": pa.array(ids.astype(np.int64))}
+        for j, name in enumerate(TABLE_FEATURES):
+            columns[name] = pa.array(rows[ids, j])
+        pq.write_table(
+            pa.table(columns), folder / f"part-{part}.parquet", row_group_size=row_group_rows
+        )
+    return str(folder / "part-*.parquet")
+
+
+def table_lines(branch: str) -> Any:
+    """An output table becomes one line per row: ``[branch, id, [prediction]]``."""
+
+    def lines(scored: Any) -> Iterator[str]:
+        ids, predictions = scored["id"].to_pylist(), scored["prediction"].to_pylist()
+        for row_id, prediction in zip(ids, predictions, strict=True):
+            yield line(branch, int(row_id), [float(prediction)])
+
+    return beam.FlatMap(lines)
+
+
+def dead_rows_to_lines(branch: str) -> Any:
+    """A dead letter of rows (dicts) becomes one line per row: ``[branch, id, error]``."""
+
+    def lines(dead: tuple[Sequence[Any], Any]) -> Iterator[str]:
+        rows, info = dead
+        for row in rows:
+            yield line(branch, int(row["id"]), str(info[1]))
+
+    return beam.FlatMap(lines)
+
+
+def nan_marked(table: Any) -> Any:
+    """``table`` with NaN in ``f1`` of its marked rows (``is_marked``): LinearRegression
+    refuses NaN, so exactly those rows fail."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    marked = pa.array([is_marked(int(i)) for i in table["id"].to_pylist()])
+    column = pc.if_else(marked, pa.scalar(float("nan")), table["f1"])
+    return table.set_column(table.schema.get_field_index("f1"), "f1", column)
+
+
+def stock_row(row: dict[str, Any]) -> tuple[int, np.ndarray[Any, Any]]:
+    return int(row["id"]), np.array([row[name] for name in TABLE_FEATURES])
+
+
+def build_tables(pipeline: beam.Pipeline, pattern: str, model: str, batch: int) -> None:
+    """The tables workload, in one pipeline: stock Beam row by row (``ReadFromParquet``, a
+    keyed sklearn handler); beam-turbo on tables (``ReadFromParquetBatched``,
+    ``with_tables``) within bundles, across bundles in keyed state
+    (``max_batch_duration_secs``), and with NaN rows isolated into the dead letters. Batches
+    of ``batch`` rows. Outputs are JSON lines ``[branch, id, payload]``, each branch from a
+    read of its own."""
+    outputs = [
+        pipeline
+        | "stock read" >> beam.io.ReadFromParquet(pattern)
+        | "stock rows" >> beam.Map(stock_row)
+        | "stock"
+        >> base.RunInference(base.KeyedModelHandler(beam_sklearn.SklearnModelHandlerNumpy(model)))
+        | "stock lines" >> beam.Map(lambda kv: line("tables_stock", kv[0], values(kv[1].inference)))
+    ]
+    sizes = {"min_batch_size": batch, "max_batch_size": batch}
+    for name, duration in (
+        ("tables_turbo", {}),
+        ("tables_stateful", {"max_batch_duration_secs": 1}),
+    ):
+        handler = turbo_sklearn.SklearnModelHandlerNumpy(model, **sizes, **duration)
+        outputs.append(
+            pipeline
+            | f"{name} read" >> beam.io.ReadFromParquetBatched(pattern)
+            | name
+            >> beam_turbo.RunInference(handler).with_tables(TABLE_FEATURES, keep_columns=["id"])
+            | f"{name} lines" >> table_lines(name)
+        )
+    handler = turbo_sklearn.SklearnModelHandlerNumpy(model, **sizes)
+    good, dlq = (
+        pipeline
+        | "tables_dlq read" >> beam.io.ReadFromParquetBatched(pattern)
+        | "mark NaN" >> beam.Map(nan_marked)
+        | "tables_dlq"
+        >> beam_turbo.RunInference(handler)
+        .with_tables(TABLE_FEATURES, keep_columns=["id"])
+        .with_exception_handling(isolate_failures=True)
+    )
+    outputs.append(good | "tables_dlq good" >> table_lines("tables_dlq_good"))
+    outputs.append(
+        dlq.failed_inferences | "tables_dlq dead" >> dead_rows_to_lines("tables_dlq_dead")
+    )
+    (
+        outputs
+        | "all" >> beam.Flatten()
+        | "write" >> beam.io.WriteToText(pipeline_output(pattern), shard_name_template="-SS-of-NN")
+    )
+
+
+def pipeline_output(pattern: str) -> str:
+    """Where the tables workload writes: beside its input."""
+    return str(Path(pattern).parent.parent / "out" / "lines")

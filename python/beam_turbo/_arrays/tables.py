@@ -13,15 +13,26 @@ pyarrow and pandas are never imported here: a table of theirs means they are imp
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
 import numpy as np
 
-from beam_turbo.errors import InvalidInputError, InvalidTypeError
+from beam_turbo.errors import InvalidInputError, InvalidTypeError, MissingColumnError
 
-__all__ = ["TableRows", "TableSpec", "check_table", "is_table", "row_count", "slice_rows"]
+__all__ = [
+    "TableRows",
+    "TableSpec",
+    "check_columns",
+    "check_table",
+    "is_table",
+    "row_count",
+    "slice_rows",
+    "table_from_bytes",
+    "table_to_bytes",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +87,33 @@ def check_table(element: Any) -> str:
     return kind
 
 
+def check_columns(table: Any, spec: TableSpec) -> list[str]:
+    """The one rule for a table's columns under ``spec``, checked on no rows of ``table``: the
+    kept columns are there, the feature columns are there and numeric (and fit
+    ``feature_dtype``: :func:`~beam_turbo._arrays.columns.feature_matrix`'s own checks), and the
+    prediction column is not a kept one. Returns the feature columns. It runs at the first
+    batch of tables, and at pipeline construction for schema'd rows (on a table of none).
+
+    Raises:
+        MissingColumnError, InvalidTypeError, InvalidInputError: naming the column.
+    """
+    from beam_turbo._arrays.columns import _missing, feature_matrix
+
+    names = columns_of(table)
+    for name in spec.keep_columns or ():
+        if name not in names:
+            raise _missing(name, names)
+    features = spec.features_of(table)
+    feature_matrix(slice_rows(table, 0, 0), features, spec.feature_dtype)
+    kept = names if spec.keep_columns is None else spec.keep_columns
+    if spec.prediction_column in kept:
+        raise InvalidInputError(
+            f"the prediction column {spec.prediction_column!r} is also a kept column: name it "
+            "apart (prediction_column=) or leave that column out of keep_columns"
+        )
+    return features
+
+
 def row_count(table: Any) -> int:
     """How many rows ``table`` has."""
     return len(table) if _kind(table) == "pandas" else int(table.num_rows)
@@ -86,6 +124,35 @@ def slice_rows(table: Any, start: int, stop: int) -> Any:
     if _kind(table) == "pandas":
         return table.iloc[start:stop]
     return table.slice(start, stop - start)
+
+
+def table_to_bytes(table: Any) -> bytes:
+    """``table`` as bytes: Arrow's IPC stream for pyarrow (a slice is written alone, where a
+    pickled slice carries its whole table's buffers), pickle for pandas."""
+    kind = check_table(table)
+    if kind == "pandas":
+        return b"P" + pickle.dumps(table, protocol=pickle.HIGHEST_PROTOCOL)
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write(table)
+    encoded: bytes = sink.getvalue().to_pybytes()
+    return (b"T" if kind == "arrow" else b"B") + encoded
+
+
+def table_from_bytes(encoded: bytes) -> Any:
+    """The table :func:`table_to_bytes` wrote."""
+    kind, body = encoded[:1], memoryview(encoded)[1:]
+    if kind == b"P":
+        return pickle.loads(body)
+    import pyarrow as pa
+
+    reader = pa.ipc.open_stream(pa.py_buffer(body))
+    if kind == b"T":
+        return reader.read_all()
+    batches = list(reader)
+    return batches[0] if len(batches) == 1 else pa.concat_batches(batches)
 
 
 def columns_of(table: Any) -> list[str]:
@@ -134,6 +201,18 @@ class TableRows(Sequence[Any]):
                 pieces.append(piece if (low, high) == (0, count) else slice_rows(piece, low, high))
             offset += count
         return TableRows(pieces)
+
+    def split_failing(self, error: BaseException) -> list[TableRows]:
+        """The parts in which these rows are isolated after ``error``: their halves; but a
+        table's own error (a feature column missing or not numeric: no row of that table can
+        be scored) splits them by table, and leaves one table whole, so that its rows reach
+        the dead letters together rather than one by one."""
+        if isinstance(error, (MissingColumnError, InvalidTypeError)):
+            if len(self.pieces) == 1:
+                return [self]
+            return [TableRows([piece]) for piece in self.pieces]
+        middle = self._length // 2
+        return [self[:middle], self[middle:]]
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.to_pylist())

@@ -12,7 +12,10 @@ What beam-turbo relies on, all listed here (a new Beam release is checked agains
   and its method ``_run_inference(batch, inference_args)``, which
   ``beam_turbo._dofns.beam_inference.BeamInferenceDoFn`` overrides and calls;
 - ``_MetricsCollector``'s ``update``, ``cache_load_model_metrics``,
-  ``update_metrics_with_cache`` and ``failed_batches_counter``.
+  ``update_metrics_with_cache`` and ``failed_batches_counter``;
+- ``_SharedModelWrapper(models, model_tag)`` and its ``next_model()``, and
+  ``_get_tags_for_copies(tag, copies)``: a model shared across processes, as Beam's DoFn
+  shares it (``_running/loading.py``, ``SharedModels``).
 """
 
 from __future__ import annotations
@@ -120,6 +123,11 @@ from apache_beam.utils.windowed_value import WindowedValue  # noqa: E402
 _LAZY_NAMES = {
     "MetricsCollector": ("apache_beam.ml.inference.base", "_MetricsCollector"),
     "RunInferenceDoFn": ("apache_beam.ml.inference.base", "_RunInferenceDoFn"),
+    # A model shared across processes (share_model_across_processes()): the copies' tags
+    # (``<tag>0``, ``<tag>1``, ...) and the router over their proxies (round-robin, a shared
+    # counter when there are several), as ``_RunInferenceDoFn._load_model`` builds them.
+    "SharedModelWrapper": ("apache_beam.ml.inference.base", "_SharedModelWrapper"),
+    "tags_for_copies": ("apache_beam.ml.inference.base", "_get_tags_for_copies"),
     "sklearn_numpy_inference_fn": (
         "apache_beam.ml.inference.sklearn_inference",
         "_default_numpy_inference_fn",

@@ -51,13 +51,32 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.utils.timestamp import Timestamp
 
+from beam_turbo._arrays.tables import (
+    TableRows,
+    check_table,
+    row_count,
+    slice_rows,
+    table_from_bytes,
+    table_to_bytes,
+)
 from beam_turbo._beam import internals
 from beam_turbo._dofns.gathering import DownstreamTiming, RunBatches, emit_timed
-from beam_turbo._gathering.gatherer import SizedBatch, closes_first, is_full, unkeyed_length
+from beam_turbo._gathering.gatherer import (
+    SizedBatch,
+    closes_first,
+    is_full,
+    rows_that_fit,
+    unkeyed_length,
+)
 from beam_turbo._gathering.sizing import Sizing
 from beam_turbo._running.collector import cyclic_gc_paused
 
-__all__ = ["keying_dofn", "stateful_batching_dofn", "stateful_inference_dofn"]
+__all__ = [
+    "TablePieceCoder",
+    "keying_dofn",
+    "stateful_batching_dofn",
+    "stateful_inference_dofn",
+]
 
 
 def keying_dofn(handler: Any) -> tuple[beam.DoFn, Any]:
@@ -108,11 +127,15 @@ def stateful_inference_dofn(
     sizing: Sizing,
     clock: Any,
     action: RunBatches,
+    rows: bool = False,
 ) -> beam.DoFn:
     """A DoFn that batches ``(key, element)`` pairs across bundles in keyed state and runs
     each batch through ``action``: see the module docs. Its state specs need the elements'
-    coder, hence a class per transform."""
-    elements_spec = BagStateSpec("elements", input_coder)
+    coder, hence a class per transform. With ``rows``, elements are tables: the bag holds
+    pieces of them (:class:`TablePieceCoder`), a batch is of rows, and a table that does not
+    fit fills the batch and its rest starts the next (the gatherer's rows,
+    :func:`~beam_turbo._gathering.gatherer.rows_that_fit`)."""
+    elements_spec = BagStateSpec("elements", TablePieceCoder() if rows else input_coder)
     window_end_spec = TimerSpec("window_end", TimeDomain.WATERMARK)
     deadline_spec = TimerSpec("buffering_end", TimeDomain.REAL_TIME)
 
@@ -141,6 +164,9 @@ def stateful_inference_dofn(
             key, value = element
             where = (self._sizing.key, key, win)
             gathering = self._gathering(where, elements)
+            if rows:
+                yield from self._add_rows(value, where, win, elements, window_end, deadline)
+                return
             sizing = self._sizing
             weight = sizing.element_weight(value)
             load = sizing.element_load(value)
@@ -155,18 +181,44 @@ def stateful_inference_dofn(
             ) or (gathering.count and self._overdue(gathering)):
                 yield from self._flush(where, elements, deadline)
                 gathering = self._gathering(where, elements)
-            if gathering.count == 0:  # a new batch
-                gathering.target = self._sizing.target()
-                window_end.set(win.end)
-                if max_buffering_secs > 0:
-                    gathering.deadline = clock.time() + max_buffering_secs
-                    deadline.set(Timestamp.of(gathering.deadline))
+            if gathering.count == 0:
+                self._start(gathering, win, window_end, deadline)
             elements.add(value)
             gathering.count += 1
             gathering.weight += weight
             gathering.load += load
             if is_full(gathering.weight, gathering.target, gathering.load, sizing.max_load):
                 yield from self._flush(where, elements, deadline)
+
+        def _start(self, gathering: _Gathering, win: Any, window_end: Any, deadline: Any) -> None:
+            """A new batch: its target, and its timers."""
+            gathering.target = self._sizing.target()
+            window_end.set(win.end)
+            if max_buffering_secs > 0:
+                gathering.deadline = clock.time() + max_buffering_secs
+                deadline.set(Timestamp.of(gathering.deadline))
+
+        def _add_rows(
+            self, table: Any, where: _Where, win: Any, elements: Any, window_end: Any, deadline: Any
+        ) -> Iterator[Any]:
+            """A table's rows, cut where a batch fills: each piece joins the key's bag."""
+            check_table(table)
+            gathering = self._gathering(where, elements)
+            if gathering.count and self._overdue(gathering):
+                yield from self._flush(where, elements, deadline)
+            total, start = row_count(table), 0
+            while start < total:
+                gathering = self._gathering(where, elements)
+                if gathering.count == 0:
+                    self._start(gathering, win, window_end, deadline)
+                stop = min(total, start + rows_that_fit(gathering.weight, gathering.target))
+                whole = (start, stop) == (0, total)
+                elements.add(table if whole else slice_rows(table, start, stop))
+                gathering.count += 1
+                gathering.weight += stop - start
+                start = stop
+                if is_full(gathering.weight, gathering.target):
+                    yield from self._flush(where, elements, deadline)
 
         def _gathering(self, where: _Where, elements: Any) -> _Gathering:
             gathering = self._touched.get(where)
@@ -178,8 +230,11 @@ def stateful_inference_dofn(
             else:
                 # First seen in this process: count what the bag holds (a worker restarted).
                 held = list(elements.read())
-                gathering = _Gathering(len(held), self._sizing.batch_weight(held))
-                gathering.load = self._sizing.batch_load(held)
+                if rows:
+                    gathering = _Gathering(len(held), float(sum(map(row_count, held))))
+                else:
+                    gathering = _Gathering(len(held), self._sizing.batch_weight(held))
+                    gathering.load = self._sizing.batch_load(held)
                 gathering.target = self._sizing.target()
                 if held and max_buffering_secs > 0:
                     # Its timer was set before; should it be lost, _overdue runs the batch.
@@ -227,7 +282,11 @@ def stateful_inference_dofn(
                 # already (keying_dofn), and a bucket runs whole, padded to its longest, as
                 # in Beam.
                 target = gathering.target if gathering else 0.0
-                batch = SizedBatch(target, held, self._sizing.batch_weight(held))
+                if rows:
+                    pieces = TableRows(held)
+                    batch = SizedBatch(target, pieces, float(len(pieces)))  # type: ignore[arg-type]
+                else:
+                    batch = SizedBatch(target, held, self._sizing.batch_weight(held))
                 with cyclic_gc_paused():
                     outputs = self._action.outputs(batch)
                 yield from outputs
@@ -247,6 +306,24 @@ def stateful_inference_dofn(
             self._action.release()
 
     return StatefulInferenceDoFn()
+
+
+class TablePieceCoder(coders.Coder):
+    """The bag's coder for pieces of tables: Arrow's IPC format for pyarrow tables and record
+    batches (a slice is written alone; a pickled slice carries its whole table's buffers),
+    pickle for pandas frames."""
+
+    def encode(self, value: Any) -> bytes:
+        return table_to_bytes(value)
+
+    def decode(self, encoded: bytes) -> Any:
+        return table_from_bytes(encoded)
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def to_type_hint(self) -> Any:
+        return Any
 
 
 class _SumWeights(beam.CombineFn):

@@ -31,7 +31,8 @@ def isolating(
     exc_class: type[BaseException] | tuple[type[BaseException], ...],
 ) -> list[Any]:
     """``run(batch)``, halving a failing batch until each failing element is alone; those go
-    to the dead-letter output as ``([element], exception_info)``, the rest give results.
+    to the dead-letter output as ``([element], exception_info)``, the rest give results. (A
+    batch of table rows whose table is at fault goes by table: :func:`_split`.)
     A batch of several that runs out of memory raises, for the splitting around this (which
     teaches the batch sizer); a single element that does is dead-lettered like any other.
     """
@@ -41,18 +42,35 @@ def isolating(
         if len(batch) > 1:
             if is_out_of_memory(error):
                 raise
-            middle = len(batch) // 2
-            return isolating(run, batch[:middle], exc_class) + isolating(
-                run, batch[middle:], exc_class
-            )
+            parts = _split(batch, error)
+            if len(parts) > 1:
+                return [output for part in parts for output in isolating(run, part, exc_class)]
         return [dead_letter(batch, error)]
 
 
-def check_threshold(examples: beam.PCollection, dead: beam.PCollection, threshold: float) -> None:
+def _split(batch: Sequence[Any], error: BaseException) -> Sequence[Sequence[Any]]:
+    """The parts a failing batch is isolated in: its halves, or what the batch says
+    (``split_failing``: rows of tables split by table on a table's own error, such as a
+    missing column, and one table's rows not at all; one part: dead-lettered whole)."""
+    split = getattr(batch, "split_failing", None)
+    if split is not None:
+        parts: Sequence[Sequence[Any]] = split(error)
+        return parts
+    middle = len(batch) // 2
+    return [batch[:middle], batch[middle:]]
+
+
+def check_threshold(
+    examples: beam.PCollection,
+    dead: beam.PCollection,
+    threshold: float,
+    count: Callable[[Any], int] | None = None,
+) -> None:
     """Beam's ``threshold`` of ``with_exception_handling``, for the fused DoFn: the pipeline
     fails when the elements of failing batches exceed ``threshold`` of the elements in, per
     window. (Beam's two steps count batches; the fused DoFn has no batches to count, and the
-    two agree when batches are of one size.)"""
+    two agree when batches are of one size.) ``count``: how many of what dead letters hold an
+    example is (tables: their rows; default one)."""
 
     def check(bad: int, total: int, threshold: float, window: Any = beam.DoFn.WindowParam) -> None:
         if bad > total * threshold:
@@ -62,9 +80,13 @@ def check_threshold(examples: beam.PCollection, dead: beam.PCollection, threshol
             )
 
     total = examples | "CountTotal" >> (
-        beam.Map(lambda _: 1) | beam.CombineGlobally(sum).as_singleton_view()
+        beam.Map(count or _one) | beam.CombineGlobally(sum).as_singleton_view()
     )
     bad = dead | "CountBad" >> (
         beam.Map(lambda entry: len(entry[0])) | beam.CombineGlobally(sum).without_defaults()
     )
     _ = bad | "CheckThreshold" >> beam.Map(check, total, threshold)
+
+
+def _one(example: Any) -> int:
+    return 1

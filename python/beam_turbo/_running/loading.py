@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import Metrics
 
+from beam_turbo._beam import internals
 from beam_turbo._native import ModelCache
 from beam_turbo.errors import ModelLoadError, ModelNotFoundError
 
 if TYPE_CHECKING:  # it imports torch where installed, which BatchElements must not do
     from apache_beam.ml.inference import base
 
-__all__ = ["CachedModels", "RetryingLoad", "loading_model", "retrying"]
+__all__ = ["CachedModels", "RetryingLoad", "SharedModels", "loading_model", "retrying"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -191,7 +192,49 @@ class CachedModels:
             self._hits += 1
         return model
 
+    @staticmethod
+    def pick(model: Any) -> Any:
+        """The model a batch runs on: the one acquired."""
+        return model
+
     def report_hits(self) -> None:
         if self._hits:
             Metrics.counter(self._namespace, "beam_turbo_model_cache_hits").inc(self._hits)
             self._hits = 0
+
+
+class SharedModels:
+    """A model shared by the worker processes of a machine, as Beam's inference DoFn shares a
+    handler's whose ``share_model_across_processes()`` is true (``large_model=True``,
+    ``model_copies``): Beam's own machinery, not a copy of it.
+
+    ``acquire(load)`` gives Beam's router (``_SharedModelWrapper``) over ``copies`` proxies,
+    one per copy tag (``<model tag>0``, ``<model tag>1``, ...): each copy is loaded, by
+    ``load``, in the first process on the machine that asks for it, which serves it
+    (``MultiProcessShared``, a lock and an address file in the temp folder); every process,
+    that one included, calls it through a proxy. :meth:`pick` gives each batch the next copy,
+    round-robin (a counter shared by the processes, when there are several copies). A ``load``
+    that fails raises here, in the process that tried, and leaves no server: the next acquire
+    loads again.
+    """
+
+    def __init__(self, key: str, copies: int) -> None:
+        self._key = key
+        self._copies = copies
+
+    def acquire(self, load: Callable[[], Any], tag: Any = None) -> Any:
+        from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+        models = [
+            MultiProcessShared(load, tag=copy_tag, always_proxy=True).acquire()
+            for copy_tag in internals.tags_for_copies(self._key, self._copies)
+        ]
+        return internals.SharedModelWrapper(models, self._key)
+
+    @staticmethod
+    def pick(router: Any) -> Any:
+        """The copy a batch runs on: the next, round-robin."""
+        return router.next_model()
+
+    def report_hits(self) -> None:
+        """Nothing: the processes share no cache to hit."""

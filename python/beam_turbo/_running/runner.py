@@ -31,7 +31,7 @@ from beam_turbo._beam import internals
 from beam_turbo._gathering.gatherer import SizedBatch
 from beam_turbo._gathering.sizing import Sizing
 from beam_turbo._running.dead_letters import dead_letter, isolating
-from beam_turbo._running.loading import CachedModels, retrying
+from beam_turbo._running.loading import CachedModels, SharedModels, retrying
 from beam_turbo._running.oom import run_owning_oom
 
 if TYPE_CHECKING:  # it imports torch where installed, which BatchElements must not do
@@ -159,7 +159,9 @@ def _dead_lettered(outputs: list[Any]) -> int:
 class ModelSource:
     """A transform's model in a worker process, as Beam's inference DoFn holds it: from the
     process's cache (one load per process), loaded with retries, a failed load not retried
-    for its backoff; Beam's load metrics. Built in a DoFn's ``setup``."""
+    for its backoff; Beam's load metrics. Built in a DoFn's ``setup``. A handler that shares
+    its model across processes gets it as Beam's DoFn does, served once per machine
+    (:class:`~beam_turbo._running.loading.SharedModels`)."""
 
     def __init__(
         self,
@@ -179,15 +181,20 @@ class ModelSource:
         self.metrics = (
             None if handler.override_metrics(namespace) else internals.MetricsCollector(namespace)
         )
-        self._models = CachedModels(model_tag, namespace)
+        self._models: CachedModels | SharedModels = (
+            SharedModels(model_tag, handler.model_copies())
+            if handler.share_model_across_processes()
+            else CachedModels(model_tag, namespace)
+        )
         self._load_with_retries = retrying(self._load, retries, backoff_secs)
         self._model: Any = None
         self._load_failure: tuple[Exception, float] | None = None  # the error, when to retry
 
     def acquire_model(self) -> Any:
-        """The model, loaded on first use. A load that failed (with its retries) is not tried
-        again for the next batches until ``backoff_secs * 2**retries`` seconds have passed:
-        meanwhile they fail at once with its error, instead of each waiting out the retries."""
+        """The model (shared across processes: Beam's router over its copies), loaded on first
+        use. A load that failed (with its retries) is not tried again for the next batches
+        until ``backoff_secs * 2**retries`` seconds have passed: meanwhile they fail at once
+        with its error, instead of each waiting out the retries."""
         if self._model is None:
             failed = self._load_failure
             if failed is not None and time.monotonic() < failed[1]:
@@ -200,6 +207,11 @@ class ModelSource:
                 raise
             self._load_failure = None
         return self._model
+
+    def next_model(self) -> Any:
+        """The model a part of a batch runs on: the one acquired, or (shared across processes)
+        the next of its copies, round-robin, as Beam's DoFn picks one per batch."""
+        return self._models.pick(self.acquire_model())
 
     def _load(self) -> Any:
         memory_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -256,7 +268,7 @@ class HandlerInference:
         return int(self._handler.get_num_bytes(part))
 
     def __call__(self, part: Sequence[Any]) -> list[Any]:
-        model = self._models.acquire_model()
+        model = self._models.next_model()
         metrics = self._models.metrics
         start = self._clock.time_ns()
         try:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from beam_turbo._arrays.tables import TableRows, TableSpec
+from beam_turbo._arrays.tables import TableRows, TableSpec, check_columns
 from beam_turbo._running.runner import HandlerInference
-from beam_turbo.errors import InvalidTypeError
+from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
-__all__ = ["TableInference", "check_scores_tables"]
+__all__ = ["TableInference", "check_scores_tables", "check_unbatched_by_length"]
 
 
 def check_scores_tables(handler: Any) -> None:
@@ -29,6 +29,21 @@ def check_scores_tables(handler: Any) -> None:
         )
 
 
+def check_unbatched_by_length(handler: Any) -> None:
+    """A clear error for a handler with a ``batch_length_fn``: length-aware batching sorts
+    ragged elements so that little of a padded batch is padding, but a table's rows become one
+    rectangular matrix (each row has one value per feature column), so there is nothing to
+    pad, and the function, written for one element, has no element to take."""
+    if "length_fn" in handler.batch_elements_kwargs():
+        raise InvalidInputError(
+            f"{type(handler).__name__} has a batch_length_fn, which with_tables() does not "
+            "take: every row of a table has one value per feature column, so its batches are "
+            "rectangular and there is no padding to save by length; build the handler "
+            "without batch_length_fn and batch_bucket_boundaries (ragged features, such as "
+            "token lists, are scored row by row, without with_tables())"
+        )
+
+
 class TableInference(HandlerInference):
     """The handler's ``predict_matrix`` on a part of a batch of rows (elements are rows), run
     as :class:`~beam_turbo._running.runner.HandlerInference` runs ``run_inference``."""
@@ -37,10 +52,14 @@ class TableInference(HandlerInference):
         super().__init__(**inference)
         self._spec = spec
         self._matrix_bytes = 0
+        self._checked = False
 
     def run(self, part: Sequence[Any], model: Any) -> list[Any]:
         assert isinstance(part, TableRows)
         spec = self._spec
+        if not self._checked:  # the columns' rule, at the first batch (the next are alike)
+            check_columns(part.pieces[0], spec)
+            self._checked = True
         features = spec.features_of(part.pieces[0])
         matrix = part.feature_matrix(features, spec.feature_dtype)
         self._matrix_bytes = int(matrix.nbytes)

@@ -100,6 +100,8 @@ class _Staging:
 
     Two buffers alternate, so one can be filled while the other's copy to the device is in
     flight; a buffer is reused only after the event recorded behind its copy has completed.
+    Copies run on a side stream of the thread's, overlapping the model's kernels on the
+    compute stream, which waits for each copy on the device (not the host).
     """
 
     def __init__(self) -> None:
@@ -151,9 +153,18 @@ class _Staging:
             buffer = torch.empty((len(batch), *first.shape), dtype=first.dtype, pin_memory=True)
         staged = buffer[: len(batch)]
         timed_stack(stack, batch, out=staged)
-        on_device = staged.to(device, non_blocking=True)
+        # The copy runs on a side stream, so that it overlaps the kernels of the batch before
+        # (queued on the compute stream); the compute stream waits for it on the device.
+        copies = getattr(self._local, "copies", None)
+        if copies is None or copies.device != device:
+            copies = self._local.copies = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        compute = torch.cuda.current_stream(device)
+        with torch.cuda.stream(copies):  # the staged rows were written by the host already
+            on_device = staged.to(device, non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record(torch.cuda.current_stream(device))
+        event.record(copies)
+        compute.wait_event(event)
+        on_device.record_stream(compute)  # its memory is not reused before the model is done
         slots[turn] = [buffer, event]
         return on_device
 

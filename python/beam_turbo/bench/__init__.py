@@ -32,6 +32,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "scoring a table, Parquet in and out: stock Beam, patched, beam-turbo's columnar "
         "RunInference, plain Beam, pyarrow alone and Spark, outputs checked by id",
     ),
+    "large-model": (
+        "beam_turbo.bench.large_model",
+        "resident memory of a 200 MB model with two worker processes: stock Beam and "
+        "beam-turbo, per process and large_model=True",
+    ),
     "report": (
         "beam_turbo.bench.report",
         "rerun the README's benchmark table and print it as Markdown, with its commit, "

@@ -3,6 +3,7 @@ no pyspark, end to end, each variant in a worker process."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -85,6 +86,12 @@ def test_quick_run_checks_every_variants_output(capsys: pytest.CaptureFixture[st
         assert re.search(rf"^  {name}: verified, 3 runs, 10,000 rows", out, re.MULTILINE), out
         assert re.search(rf"^\| {name}: .* \| 2,000, 6,000 \|$", out, re.MULTILINE), out
     assert "FAILED" not in out
+    # A scikit-learn model: beam-turbo's pipelines import no other framework; stock Beam's
+    # imports torch (its inference module does, where torch is installed).
+    for name in ("patched", "turbo", "plain", "arrow"):
+        assert re.search(rf"^  {name}: verified, .*; frameworks imported: none$", out, re.M), out
+    if importlib.util.find_spec("torch") is not None:
+        assert re.search(r"^  stock: verified, .*; frameworks imported: torch$", out, re.M), out
 
 
 def test_a_wrong_prediction_fails_the_command(

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-__all__ = ["install"]
+__all__ = ["install", "uninstall"]
 
 BASE = "apache_beam.ml.inference.base"
 MODEL_MANAGER = "apache_beam.ml.inference.model_manager"
@@ -111,3 +111,10 @@ def install() -> None:
     with _LOCK:
         if BASE not in sys.modules and _HOOK not in sys.meta_path:
             sys.meta_path.insert(0, _HOOK)
+
+
+def uninstall() -> None:
+    """Take the hook away (Beam's base module, imported after, imports torch as Beam does)."""
+    with _LOCK:
+        if _HOOK in sys.meta_path:
+            sys.meta_path.remove(_HOOK)

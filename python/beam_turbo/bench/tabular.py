@@ -640,6 +640,14 @@ class _TreePeak:
         return max(own, self.peak_kib) / 1024
 
 
+#: The frameworks whose import a worker reports (each costs hundreds of MiB resident).
+FRAMEWORKS = ("torch", "tensorflow", "xgboost")
+
+
+def _frameworks() -> list[str]:
+    return [name for name in FRAMEWORKS if name in sys.modules]
+
+
 def _serve(config_json: str) -> None:
     # Replies go to the real stdout; anything else printing there (Spark's JVM, Beam) goes to
     # stderr, which the parent sends to a log file.
@@ -659,6 +667,12 @@ def _serve(config_json: str) -> None:
             import beam_turbo
 
             beam_turbo.patch()
+        elif variant.name == "stock":
+            # The bench imported beam_turbo, whose hook keeps torch out of Beam's inference
+            # module: stock Beam's pipeline imports it (Beam 2.77, where torch is installed).
+            from beam_turbo._beam import lazy_torch
+
+            lazy_torch.uninstall()
         import pyarrow.parquet  # noqa: F401
 
         MODELS[config["framework"]].load(spec["model_path"])  # the framework imported now too
@@ -676,7 +690,7 @@ def _serve(config_json: str) -> None:
                     reply({})
                     return
                 if command["op"] == "peak":
-                    reply({"peak_mib": peak.peak_mib()})
+                    reply({"peak_mib": peak.peak_mib(), "frameworks": _frameworks()})
                     continue
                 job = Job(
                     model=config["framework"],
@@ -706,6 +720,8 @@ class Measured:
     large: int
     slopes: list[float] = field(default_factory=list)  # seconds per row
     peak_mib: float = math.nan
+    peak_small_mib: float = math.nan  # after the warm-up, a small run only
+    frameworks: list[str] = field(default_factory=list)  # of FRAMEWORKS, imported
     checked_runs: int = 0
     checked_rows: int = 0
     max_abs_diff: float = 0.0
@@ -783,6 +799,7 @@ def measure_model(
                     worker.receive()  # ready
                     worker.receive()  # warmed up
                     check(v, warm_ups[v], sizes[v][0])
+                    found[v].peak_small_mib = worker.ask(op="peak")["peak_mib"]
                     alive.append(v)
                 except RuntimeError as error:
                     found[v].problems.append(str(error))
@@ -817,7 +834,9 @@ def measure_model(
                         f"{seconds[1]:.2f} s; {time.perf_counter() - start:.1f} s in all)"
                     )
             for v in alive:
-                found[v].peak_mib = workers[v].ask(op="peak")["peak_mib"]
+                reply = workers[v].ask(op="peak")
+                found[v].peak_mib = reply["peak_mib"]
+                found[v].frameworks = reply["frameworks"]
         finally:
             for worker in workers.values():
                 worker.close()
@@ -883,6 +902,7 @@ def print_results(
                 _format_rate(rate) if not measured.problems else "FAILED",
                 spread,
                 versus,
+                "n/a" if math.isnan(measured.peak_small_mib) else f"{measured.peak_small_mib:,.0f}",
                 "n/a" if math.isnan(measured.peak_mib) else f"{measured.peak_mib:,.0f}",
                 f"{measured.small:,}, {measured.large:,}",
             ]
@@ -893,16 +913,25 @@ def print_results(
             "rows/s (median)",
             "spread (min-max)",
             "vs stock Beam",
-            "peak MiB",
+            "peak MiB: small",
+            "peak MiB: all",
             "rows: small, large",
         ],
         rows,
     )
     print(
-        "\npeak MiB: the variant's own process over all its runs (VmHWM), or its process "
-        "tree's summed resident memory sampled every 0.2 s where larger (Spark: JVM and "
-        "Python workers)"
+        "\npeak MiB: the variant's own process (VmHWM), or its process tree's summed resident "
+        "memory sampled every 0.2 s where larger (Spark: JVM and Python workers); 'small' after "
+        "its warm-up (one small run), 'all' after every run (large ones included): where the "
+        "two are close, peak memory does not grow with the rows"
     )
+    sized = {(measured.small, measured.large) for measured in found.values()}
+    if len(sized) > 1:
+        print(
+            "rows: variants ran at different sizes (--sizes-for), the slow ones at smaller "
+            "sizes (a run of the large size would take them many minutes); each rate is the "
+            "slope between its own two sizes"
+        )
     ok = True
     print(
         f"\noutputs, read back and checked by id against predict (isclose rtol={RTOL:g}, "
@@ -918,7 +947,8 @@ def print_results(
         else:
             print(
                 f"  {name}: verified, {measured.checked_runs} runs, {measured.checked_rows:,} "
-                f"rows, largest difference {measured.max_abs_diff:.2g}"
+                f"rows, largest difference {measured.max_abs_diff:.2g}; frameworks imported: "
+                f"{', '.join(measured.frameworks) or 'none'}"
             )
     return ok
 

@@ -92,6 +92,8 @@ class TabularModel:
     turbo_handler: Callable[[str], Any]
     #: a row's features (float32[16]) -> the example Beam's handler takes
     example: Callable[[np.ndarray[Any, Any]], Any] = _as_is
+    #: why the model cannot run here (its package is not installed), or None
+    unavailable: Callable[[], str | None] = lambda: None
 
 
 def _fit_linear(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], folder: str) -> str:
@@ -129,6 +131,48 @@ def _fit_boosted(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], folder: str) 
     with open(path, "wb") as f:
         pickle.dump(HistGradientBoostingRegressor(max_iter=100, random_state=0).fit(x, y), f)
     return path
+
+
+def _fit_xgboost(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], folder: str) -> str:
+    """An ``XGBRegressor``, pickled (for beam-turbo's scikit-learn handler, which scores it
+    through its scikit-learn ``predict``) and saved as JSON beside it (for Beam's XGBoost
+    handler, which loads ``model_state``)."""
+    import xgboost  # type: ignore[import-not-found, unused-ignore]
+
+    model = xgboost.XGBRegressor(n_estimators=100, max_depth=6, random_state=0).fit(x, y)
+    path = os.path.join(folder, "xgboost.pkl")
+    with open(path, "wb") as f:
+        pickle.dump(model, f)
+    model.save_model(_xgboost_json(path))
+    return path
+
+
+def _xgboost_json(path: str) -> str:
+    return os.path.splitext(path)[0] + ".json"
+
+
+def _xgboost_beam_handler(path: str) -> Any:
+    import xgboost  # type: ignore[import-not-found, unused-ignore]
+    from apache_beam.ml.inference.xgboost_inference import XGBoostModelHandlerNumpy
+
+    return XGBoostModelHandlerNumpy(
+        model_class=xgboost.XGBRegressor, model_state=_xgboost_json(path)
+    )
+
+
+def _one_row_matrix(features: np.ndarray[Any, Any]) -> Any:
+    """A row as Beam's XGBoost numpy handler takes it: it calls ``predict`` on each element,
+    so each is a matrix, of one row."""
+    return features.reshape(1, -1)
+
+
+def _xgboost_unavailable() -> str | None:
+    import importlib.util
+
+    for package in ("xgboost", "datatable"):  # Beam's XGBoost handler imports datatable
+        if importlib.util.find_spec(package) is None:
+            return f"not available: {package} is not importable (pip install xgboost-cpu datatable)"
+    return None
 
 
 #: The torch MLP's layer widths (16 features in, one prediction out).
@@ -202,6 +246,15 @@ MODELS: dict[str, TabularModel] = {
         load=_load_pickled_predict,
         beam_handler=_sklearn_beam_handler,
         turbo_handler=_sklearn_turbo_handler,
+    ),
+    "xgboost": TabularModel(
+        title="XGBoost XGBRegressor (100 trees, depth 6) on 16 float32 features",
+        fit=_fit_xgboost,
+        load=_load_pickled_predict,
+        beam_handler=_xgboost_beam_handler,
+        turbo_handler=_sklearn_turbo_handler,
+        example=_one_row_matrix,
+        unavailable=_xgboost_unavailable,
     ),
     "mlp": TabularModel(
         title="torch MLP 16-256-256-1 on 16 float32 features",
@@ -608,6 +661,29 @@ def _tree_rss_kib(pid: int) -> int:
     return total + sum(_tree_rss_kib(child) for child in children)
 
 
+def _tree_cpu_seconds(pid: int | None = None) -> float:
+    """The CPU time (user and system) of ``pid`` (default: this process) and its live
+    descendants, plus that of the children this process has reaped: what a run cost in work,
+    where the wall clock of a loaded machine also counts the waits for a core."""
+    own = pid is None
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children: list[int] = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    total += sum(_tree_cpu_seconds(child) for child in children)
+    if own:
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total += reaped.ru_utime + reaped.ru_stime
+    return total
+
+
 class _TreePeak:
     """Samples the resident memory of this process and its descendants (Spark's JVM and its
     Python workers) every ``interval`` seconds, keeping the largest sum."""
@@ -700,9 +776,14 @@ def _serve(config_json: str) -> None:
                     output=command["output"],
                     scratch=spec["scratch"],
                 )
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), _tree_cpu_seconds()
                 variant.run(job, state)
-                reply({"seconds": time.perf_counter() - start})
+                reply(
+                    {
+                        "seconds": time.perf_counter() - start,
+                        "cpu_seconds": _tree_cpu_seconds() - cpu,
+                    }
+                )
             except Exception:
                 reply({"error": traceback.format_exc()})
     finally:
@@ -719,6 +800,7 @@ class Measured:
     small: int
     large: int
     slopes: list[float] = field(default_factory=list)  # seconds per row
+    cpu_slopes: list[float] = field(default_factory=list)  # CPU seconds per row
     peak_mib: float = math.nan
     peak_small_mib: float = math.nan  # after the warm-up, a small run only
     frameworks: list[str] = field(default_factory=list)  # of FRAMEWORKS, imported
@@ -731,12 +813,16 @@ class Measured:
         """Rows per second of the median slope (or ``min``/``max`` ones); NaN if none."""
         return 1 / which(self.slopes) if self.slopes else math.nan
 
+    def cpu_rate(self) -> float:
+        """Rows per CPU second, of the median CPU slope; NaN if none."""
+        return 1 / statistics.median(self.cpu_slopes) if self.cpu_slopes else math.nan
+
 
 def _format_rate(rate: float) -> str:
     if math.isnan(rate):
         return "n/a"
     for scale, unit in ((1e6, "M"), (1e3, "k")):
-        if rate >= scale:
+        if rate >= scale * 0.9995:  # 999,600 is 1M, not 1e+03k
             return f"{rate / scale:.3g}{unit}"
     return f"{rate:.3g}"
 
@@ -814,10 +900,12 @@ def measure_model(
                             sent = command(small, v)
                             workers[v].ask(**sent)
                             check(v, sent, small)
-                        seconds = []
+                        seconds, cpu = [], []
                         for rows in (small, large):
                             sent = command(rows, v)
-                            seconds.append(workers[v].ask(**sent)["seconds"])
+                            reply = workers[v].ask(**sent)
+                            seconds.append(reply["seconds"])
+                            cpu.append(reply["cpu_seconds"])
                             check(v, sent, rows)
                     except RuntimeError as error:
                         found[v].problems.append(str(error))
@@ -825,13 +913,17 @@ def measure_model(
                         say(f"  round {n + 1}/{rounds}, {v}: FAILED\n{error}")
                         continue
                     slope = (seconds[1] - seconds[0]) / (large - small)
+                    cpu_slope = (cpu[1] - cpu[0]) / (large - small)
+                    if cpu_slope > 0:
+                        found[v].cpu_slopes.append(cpu_slope)
                     rate = "the large run was the faster: no slope"
                     if slope > 0:  # else the machine's load swamped the difference
                         found[v].slopes.append(slope)
                         rate = f"{1 / slope:,.0f} rows/s"
                     say(
                         f"  round {n + 1}/{rounds}, {v}: {rate} ({seconds[0]:.2f} s, "
-                        f"{seconds[1]:.2f} s; {time.perf_counter() - start:.1f} s in all)"
+                        f"{seconds[1]:.2f} s; CPU {cpu[0]:.2f} s, {cpu[1]:.2f} s; "
+                        f"{time.perf_counter() - start:.1f} s in all)"
                     )
             for v in alive:
                 reply = workers[v].ask(op="peak")
@@ -880,11 +972,28 @@ def print_results(
         f"where Beam runs; rows/s is the median over {rounds} interleaved round(s) of the "
         "slope between a small and a large run\n"
     )
+
+    def ratio(value: float, base: float) -> str:
+        return "n/a" if math.isnan(value / base) else f"{value / base:.2f}x"
+
     stock = found["stock"].rate() if "stock" in found else math.nan
+    plain = found.get("plain")
+    header = [
+        "variant",
+        "rows/s (median)",
+        "spread (min-max)",
+        "vs stock Beam",
+        "vs plain Beam",
+        "rows per CPU s",
+        "CPU vs plain",
+        "peak MiB: small",
+        "peak MiB: all",
+        "rows: small, large",
+    ]
     rows = []
     for name in VARIANTS:
         if name in skipped:
-            rows.append([f"{name}: {VARIANTS[name].label}", skipped[name], "", "", "", ""])
+            rows.append([f"{name}: {VARIANTS[name].label}", skipped[name]] + [""] * 8)
             continue
         if name not in found:
             continue
@@ -895,29 +1004,25 @@ def print_results(
             if measured.slopes
             else "n/a"
         )
-        versus = "n/a" if math.isnan(rate / stock) else f"{rate / stock:.2f}x"
         rows.append(
             [
                 f"{name}: {VARIANTS[name].label}",
                 _format_rate(rate) if not measured.problems else "FAILED",
                 spread,
-                versus,
+                ratio(rate, stock),
+                ratio(rate, plain.rate() if plain else math.nan),
+                _format_rate(measured.cpu_rate()),
+                ratio(measured.cpu_rate(), plain.cpu_rate() if plain else math.nan),
                 "n/a" if math.isnan(measured.peak_small_mib) else f"{measured.peak_small_mib:,.0f}",
                 "n/a" if math.isnan(measured.peak_mib) else f"{measured.peak_mib:,.0f}",
                 f"{measured.small:,}, {measured.large:,}",
             ]
         )
-    print_markdown_table(
-        [
-            "variant",
-            "rows/s (median)",
-            "spread (min-max)",
-            "vs stock Beam",
-            "peak MiB: small",
-            "peak MiB: all",
-            "rows: small, large",
-        ],
-        rows,
+    print_markdown_table(header, rows)
+    print(
+        "\nrows per CPU s: the same slope on the CPU time (user and system) of the variant's "
+        "process tree, the median over rounds: on a loaded machine the wall clock also counts "
+        "the waits for a core, the CPU time mostly not"
     )
     print(
         "\npeak MiB: the variant's own process (VmHWM), or its process tree's summed resident "
@@ -1015,6 +1120,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     ok = True
     for model_name in args.models:
+        why = MODELS[model_name].unavailable()
+        if why is not None:
+            print(f"{model_name}: {why}")
+            continue
         print(f"{model_name}: {len(variants)} variants, each in a process of its own")
         found = measure_model(model_name, variants, sizes, rounds, args.seed)
         ok = print_results(model_name, variants, found, skipped, rounds) and ok

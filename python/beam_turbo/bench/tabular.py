@@ -284,10 +284,15 @@ def fit_model(model: TabularModel, folder: str, seed: int) -> str:
 
 
 def write_inputs(
-    folder: str, rows: int, seed: int, predict: Callable[[np.ndarray[Any, Any]], Any]
+    folder: str,
+    rows: int,
+    seed: int,
+    predict: Callable[[np.ndarray[Any, Any]], Any],
+    row_group: int | None = None,
 ) -> np.ndarray[Any, Any]:
     """Write ``rows`` rows into ``FILES`` Parquet files in ``folder`` (ids 0..rows-1, seeded
-    per size and file); the model's predictions for them, indexed by id."""
+    per size and file), in row groups of ``row_group`` rows (None: pyarrow's default, up to
+    1,048,576); the model's predictions for them, indexed by id."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -299,7 +304,11 @@ def write_inputs(
         x = _features(np.random.default_rng([seed, rows, i]), stop - start)
         columns = {"id": pa.array(np.arange(start, stop, dtype=np.int64))}
         columns.update({name: pa.array(x[:, j]) for j, name in enumerate(FEATURES)})
-        pq.write_table(pa.table(columns), os.path.join(folder, f"part-{i:05d}.parquet"))
+        pq.write_table(
+            pa.table(columns),
+            os.path.join(folder, f"part-{i:05d}.parquet"),
+            row_group_size=row_group,
+        )
         predictions = np.asarray(predict(x)).reshape(-1)
         if expected is None:
             expected = np.empty(rows, dtype=predictions.dtype)
@@ -834,6 +843,7 @@ def measure_model(
     rounds: int,
     seed: int,
     say: Callable[[str], None] = print,
+    row_group: int | None = None,
 ) -> dict[str, Measured]:
     """Fit the model, write the inputs of every size once, then run the variants' workers:
     a warm-up run each, then ``rounds`` rounds of a small and a large run, variants in turn,
@@ -848,7 +858,7 @@ def measure_model(
         start = time.perf_counter()
         for rows in sorted({n for v in variants for n in sizes[v]}):
             expected[rows] = write_inputs(
-                os.path.join(folder, "in", str(rows)), rows, seed, predict
+                os.path.join(folder, "in", str(rows)), rows, seed, predict, row_group
             )
         say(f"  inputs written in {time.perf_counter() - start:.1f} s: {sorted(expected)} rows")
         spec = {"model_path": model_path, "dtype": dtype, "scratch": folder}
@@ -1096,6 +1106,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is shown)")
     parser.add_argument("--quick", action="store_true", help="small sizes, one round")
     parser.add_argument("--seed", type=int, default=0, help="the data's and the model's seed")
+    parser.add_argument(
+        "--row-group",
+        type=int,
+        help="rows per Parquet row group of the inputs (default: pyarrow's, up to 1,048,576): "
+        "a Beam reader's table is a row group, so a fixed one shows whether peak memory "
+        "grows with the rows",
+    )
     return parser
 
 
@@ -1125,7 +1142,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{model_name}: {why}")
             continue
         print(f"{model_name}: {len(variants)} variants, each in a process of its own")
-        found = measure_model(model_name, variants, sizes, rounds, args.seed)
+        found = measure_model(
+            model_name, variants, sizes, rounds, args.seed, row_group=args.row_group
+        )
         ok = print_results(model_name, variants, found, skipped, rounds) and ok
     print(f"\ncommit {commit()}; the whole benchmark took {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1

@@ -3,6 +3,7 @@ no pyspark, end to end, each variant in a worker process."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -66,6 +67,17 @@ def test_inputs_are_eight_seeded_files_of_id_and_features(tmp_path: Path) -> Non
     np.testing.assert_allclose(predict(features), expected[ids])
 
 
+def test_inputs_in_row_groups_of_the_size_asked(tmp_path: Path) -> None:
+    """--row-group: a Beam reader's table is a row group, so a fixed one keeps the tables the
+    same size at every dataset size."""
+    tabular.write_inputs(str(tmp_path), 1_000, 7, lambda x: x.sum(axis=1), row_group=50)
+    for name in sorted(os.listdir(tmp_path)):
+        metadata = pq.ParquetFile(tmp_path / name).metadata
+        assert metadata.num_rows == 125
+        groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        assert groups == [50, 50, 25], (name, groups)
+
+
 def _quick(capsys: pytest.CaptureFixture[str], *variants: str) -> tuple[int, str]:
     argv = ["bench", "tabular", "--quick", "--sizes", "2000", "6000", "--variants", *variants]
     code = cli.main(argv)
@@ -85,6 +97,12 @@ def test_quick_run_checks_every_variants_output(capsys: pytest.CaptureFixture[st
         assert re.search(rf"^  {name}: verified, 3 runs, 10,000 rows", out, re.MULTILINE), out
         assert re.search(rf"^\| {name}: .* \| 2,000, 6,000 \|$", out, re.MULTILINE), out
     assert "FAILED" not in out
+    # A scikit-learn model: beam-turbo's pipelines import no other framework; stock Beam's
+    # imports torch (its inference module does, where torch is installed).
+    for name in ("patched", "turbo", "plain", "arrow"):
+        assert re.search(rf"^  {name}: verified, .*; frameworks imported: none$", out, re.M), out
+    if importlib.util.find_spec("torch") is not None:
+        assert re.search(r"^  stock: verified, .*; frameworks imported: torch$", out, re.M), out
 
 
 def test_a_wrong_prediction_fails_the_command(

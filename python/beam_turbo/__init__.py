@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from beam_turbo import errors
 from beam_turbo._arrays.stacking import set_pool_limit, stack
+from beam_turbo._beam import lazy_torch
 from beam_turbo._beam.patch import patch, unpatch
 from beam_turbo._native import BatchSizer, ModelCache
 
@@ -42,6 +43,9 @@ __all__ = [
     "stack",
     "unpatch",
 ]
+
+# Beam's inference module imports torch where installed; beam-turbo's imports of it do not.
+lazy_torch.install()
 
 # The names that import Beam, loaded on first use (PEP 562).
 _LAZY = {

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam import typehints
 from apache_beam.coders import typecoders
 from apache_beam.ml.inference import base
@@ -41,17 +42,54 @@ from beam_turbo._running.tables import check_scores_tables, check_unbatched_by_l
 from beam_turbo.batching import BatchElements
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
-__all__ = ["TABLE_MAX_BATCH_ROWS", "TABLE_MIN_BATCH_ROWS", "RunInference"]
+__all__ = [
+    "TABLE_MAX_BATCH_BYTES",
+    "TABLE_MAX_BATCH_ROWS",
+    "TABLE_MIN_BATCH_ROWS",
+    "TABLE_UNNAMED_MAX_BATCH_ROWS",
+    "RunInference",
+]
 
 #: The largest batch of rows ``with_tables()`` gathers unless the handler sets
 #: ``max_batch_size``: a model's rows are smaller than the elements Beam's default (10,000)
-#: is for.
-TABLE_MAX_BATCH_ROWS = 1 << 16
+#: is for. Where the feature columns are named, the batch is also bounded by
+#: ``TABLE_MAX_BATCH_BYTES`` of model input; where they are not (their count is known only at
+#: the first table), by ``TABLE_UNNAMED_MAX_BATCH_ROWS``.
+TABLE_MAX_BATCH_ROWS = 1 << 20
+#: The model input (the feature matrix) a batch of rows may take: at 16 float64 features,
+#: ``TABLE_MAX_BATCH_ROWS`` rows. Large batches matter on a loaded machine: a linear model's
+#: multi-threaded BLAS took 10 to 50 times as long per row on 65,536-row batches as on
+#: 1,048,576-row ones (its threads wait on each other), and each batch is a write (a Parquet row
+#: group) downstream.
+TABLE_MAX_BATCH_BYTES = 1 << 27
+TABLE_UNNAMED_MAX_BATCH_ROWS = 1 << 16
 #: The smallest, unless the handler sets ``min_batch_size`` (a bundle's or window's end still
 #: closes a batch short of it).
 TABLE_MIN_BATCH_ROWS = 1 << 10
 
 _LOG = logging.getLogger(__name__)
+
+
+def _table_max_batch_rows(spec: TableSpec) -> int:
+    """The most rows in a batch of ``spec``'s tables, unless the handler says: within
+    ``TABLE_MAX_BATCH_BYTES`` of model input (at the feature dtype's size, or 8 bytes a value
+    where it is the columns' own), at most ``TABLE_MAX_BATCH_ROWS``, at least
+    ``TABLE_MIN_BATCH_ROWS``.
+
+    Example:
+        >>> _table_max_batch_rows(TableSpec(feature_columns=("a",) * 16))
+        1048576
+        >>> _table_max_batch_rows(TableSpec(feature_columns=("a",) * 1000))
+        16777
+        >>> _table_max_batch_rows(TableSpec())
+        65536
+    """
+    if spec.feature_columns is None:
+        return TABLE_UNNAMED_MAX_BATCH_ROWS
+    width = max(1, len(spec.feature_columns))
+    value_bytes = 8 if spec.feature_dtype is None else np.dtype(spec.feature_dtype).itemsize
+    rows = TABLE_MAX_BATCH_BYTES // (width * value_bytes)
+    return int(min(TABLE_MAX_BATCH_ROWS, max(TABLE_MIN_BATCH_ROWS, rows)))
 
 
 class RunInference(base.RunInference):
@@ -284,7 +322,7 @@ class RunInference(base.RunInference):
         if self._tables is not None:
             # Rows: a batch of a model's rows is larger than one of its elements, and the sizer
             # need not climb from one row.
-            batching_args.setdefault("max_batch_size", TABLE_MAX_BATCH_ROWS)
+            batching_args.setdefault("max_batch_size", _table_max_batch_rows(self._tables))
             batching_args.setdefault(
                 "min_batch_size", min(TABLE_MIN_BATCH_ROWS, batching_args["max_batch_size"])
             )

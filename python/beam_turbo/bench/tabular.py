@@ -92,6 +92,8 @@ class TabularModel:
     turbo_handler: Callable[[str], Any]
     #: a row's features (float32[16]) -> the example Beam's handler takes
     example: Callable[[np.ndarray[Any, Any]], Any] = _as_is
+    #: why the model cannot run here (its package is not installed), or None
+    unavailable: Callable[[], str | None] = lambda: None
 
 
 def _fit_linear(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], folder: str) -> str:
@@ -129,6 +131,48 @@ def _fit_boosted(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], folder: str) 
     with open(path, "wb") as f:
         pickle.dump(HistGradientBoostingRegressor(max_iter=100, random_state=0).fit(x, y), f)
     return path
+
+
+def _fit_xgboost(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], folder: str) -> str:
+    """An ``XGBRegressor``, pickled (for beam-turbo's scikit-learn handler, which scores it
+    through its scikit-learn ``predict``) and saved as JSON beside it (for Beam's XGBoost
+    handler, which loads ``model_state``)."""
+    import xgboost  # type: ignore[import-not-found, unused-ignore]
+
+    model = xgboost.XGBRegressor(n_estimators=100, max_depth=6, random_state=0).fit(x, y)
+    path = os.path.join(folder, "xgboost.pkl")
+    with open(path, "wb") as f:
+        pickle.dump(model, f)
+    model.save_model(_xgboost_json(path))
+    return path
+
+
+def _xgboost_json(path: str) -> str:
+    return os.path.splitext(path)[0] + ".json"
+
+
+def _xgboost_beam_handler(path: str) -> Any:
+    import xgboost  # type: ignore[import-not-found, unused-ignore]
+    from apache_beam.ml.inference.xgboost_inference import XGBoostModelHandlerNumpy
+
+    return XGBoostModelHandlerNumpy(
+        model_class=xgboost.XGBRegressor, model_state=_xgboost_json(path)
+    )
+
+
+def _one_row_matrix(features: np.ndarray[Any, Any]) -> Any:
+    """A row as Beam's XGBoost numpy handler takes it: it calls ``predict`` on each element,
+    so each is a matrix, of one row."""
+    return features.reshape(1, -1)
+
+
+def _xgboost_unavailable() -> str | None:
+    import importlib.util
+
+    for package in ("xgboost", "datatable"):  # Beam's XGBoost handler imports datatable
+        if importlib.util.find_spec(package) is None:
+            return f"not available: {package} is not importable (pip install xgboost-cpu datatable)"
+    return None
 
 
 #: The torch MLP's layer widths (16 features in, one prediction out).
@@ -203,6 +247,15 @@ MODELS: dict[str, TabularModel] = {
         beam_handler=_sklearn_beam_handler,
         turbo_handler=_sklearn_turbo_handler,
     ),
+    "xgboost": TabularModel(
+        title="XGBoost XGBRegressor (100 trees, depth 6) on 16 float32 features",
+        fit=_fit_xgboost,
+        load=_load_pickled_predict,
+        beam_handler=_xgboost_beam_handler,
+        turbo_handler=_sklearn_turbo_handler,
+        example=_one_row_matrix,
+        unavailable=_xgboost_unavailable,
+    ),
     "mlp": TabularModel(
         title="torch MLP 16-256-256-1 on 16 float32 features",
         fit=_fit_mlp,
@@ -231,10 +284,15 @@ def fit_model(model: TabularModel, folder: str, seed: int) -> str:
 
 
 def write_inputs(
-    folder: str, rows: int, seed: int, predict: Callable[[np.ndarray[Any, Any]], Any]
+    folder: str,
+    rows: int,
+    seed: int,
+    predict: Callable[[np.ndarray[Any, Any]], Any],
+    row_group: int | None = None,
 ) -> np.ndarray[Any, Any]:
     """Write ``rows`` rows into ``FILES`` Parquet files in ``folder`` (ids 0..rows-1, seeded
-    per size and file); the model's predictions for them, indexed by id."""
+    per size and file), in row groups of ``row_group`` rows (None: pyarrow's default, up to
+    1,048,576); the model's predictions for them, indexed by id."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -246,7 +304,11 @@ def write_inputs(
         x = _features(np.random.default_rng([seed, rows, i]), stop - start)
         columns = {"id": pa.array(np.arange(start, stop, dtype=np.int64))}
         columns.update({name: pa.array(x[:, j]) for j, name in enumerate(FEATURES)})
-        pq.write_table(pa.table(columns), os.path.join(folder, f"part-{i:05d}.parquet"))
+        pq.write_table(
+            pa.table(columns),
+            os.path.join(folder, f"part-{i:05d}.parquet"),
+            row_group_size=row_group,
+        )
         predictions = np.asarray(predict(x)).reshape(-1)
         if expected is None:
             expected = np.empty(rows, dtype=predictions.dtype)
@@ -608,6 +670,29 @@ def _tree_rss_kib(pid: int) -> int:
     return total + sum(_tree_rss_kib(child) for child in children)
 
 
+def _tree_cpu_seconds(pid: int | None = None) -> float:
+    """The CPU time (user and system) of ``pid`` (default: this process) and its live
+    descendants, plus that of the children this process has reaped: what a run cost in work,
+    where the wall clock of a loaded machine also counts the waits for a core."""
+    own = pid is None
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children: list[int] = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    total += sum(_tree_cpu_seconds(child) for child in children)
+    if own:
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total += reaped.ru_utime + reaped.ru_stime
+    return total
+
+
 class _TreePeak:
     """Samples the resident memory of this process and its descendants (Spark's JVM and its
     Python workers) every ``interval`` seconds, keeping the largest sum."""
@@ -640,6 +725,14 @@ class _TreePeak:
         return max(own, self.peak_kib) / 1024
 
 
+#: The frameworks whose import a worker reports (each costs hundreds of MiB resident).
+FRAMEWORKS = ("torch", "tensorflow", "xgboost")
+
+
+def _frameworks() -> list[str]:
+    return [name for name in FRAMEWORKS if name in sys.modules]
+
+
 def _serve(config_json: str) -> None:
     # Replies go to the real stdout; anything else printing there (Spark's JVM, Beam) goes to
     # stderr, which the parent sends to a log file.
@@ -659,6 +752,12 @@ def _serve(config_json: str) -> None:
             import beam_turbo
 
             beam_turbo.patch()
+        elif variant.name == "stock":
+            # The bench imported beam_turbo, whose hook keeps torch out of Beam's inference
+            # module: stock Beam's pipeline imports it (Beam 2.77, where torch is installed).
+            from beam_turbo._beam import lazy_torch
+
+            lazy_torch.uninstall()
         import pyarrow.parquet  # noqa: F401
 
         MODELS[config["framework"]].load(spec["model_path"])  # the framework imported now too
@@ -676,7 +775,7 @@ def _serve(config_json: str) -> None:
                     reply({})
                     return
                 if command["op"] == "peak":
-                    reply({"peak_mib": peak.peak_mib()})
+                    reply({"peak_mib": peak.peak_mib(), "frameworks": _frameworks()})
                     continue
                 job = Job(
                     model=config["framework"],
@@ -686,9 +785,14 @@ def _serve(config_json: str) -> None:
                     output=command["output"],
                     scratch=spec["scratch"],
                 )
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), _tree_cpu_seconds()
                 variant.run(job, state)
-                reply({"seconds": time.perf_counter() - start})
+                reply(
+                    {
+                        "seconds": time.perf_counter() - start,
+                        "cpu_seconds": _tree_cpu_seconds() - cpu,
+                    }
+                )
             except Exception:
                 reply({"error": traceback.format_exc()})
     finally:
@@ -705,7 +809,10 @@ class Measured:
     small: int
     large: int
     slopes: list[float] = field(default_factory=list)  # seconds per row
+    cpu_slopes: list[float] = field(default_factory=list)  # CPU seconds per row
     peak_mib: float = math.nan
+    peak_small_mib: float = math.nan  # after the warm-up, a small run only
+    frameworks: list[str] = field(default_factory=list)  # of FRAMEWORKS, imported
     checked_runs: int = 0
     checked_rows: int = 0
     max_abs_diff: float = 0.0
@@ -715,12 +822,16 @@ class Measured:
         """Rows per second of the median slope (or ``min``/``max`` ones); NaN if none."""
         return 1 / which(self.slopes) if self.slopes else math.nan
 
+    def cpu_rate(self) -> float:
+        """Rows per CPU second, of the median CPU slope; NaN if none."""
+        return 1 / statistics.median(self.cpu_slopes) if self.cpu_slopes else math.nan
+
 
 def _format_rate(rate: float) -> str:
     if math.isnan(rate):
         return "n/a"
     for scale, unit in ((1e6, "M"), (1e3, "k")):
-        if rate >= scale:
+        if rate >= scale * 0.9995:  # 999,600 is 1M, not 1e+03k
             return f"{rate / scale:.3g}{unit}"
     return f"{rate:.3g}"
 
@@ -732,6 +843,7 @@ def measure_model(
     rounds: int,
     seed: int,
     say: Callable[[str], None] = print,
+    row_group: int | None = None,
 ) -> dict[str, Measured]:
     """Fit the model, write the inputs of every size once, then run the variants' workers:
     a warm-up run each, then ``rounds`` rounds of a small and a large run, variants in turn,
@@ -746,7 +858,7 @@ def measure_model(
         start = time.perf_counter()
         for rows in sorted({n for v in variants for n in sizes[v]}):
             expected[rows] = write_inputs(
-                os.path.join(folder, "in", str(rows)), rows, seed, predict
+                os.path.join(folder, "in", str(rows)), rows, seed, predict, row_group
             )
         say(f"  inputs written in {time.perf_counter() - start:.1f} s: {sorted(expected)} rows")
         spec = {"model_path": model_path, "dtype": dtype, "scratch": folder}
@@ -783,6 +895,7 @@ def measure_model(
                     worker.receive()  # ready
                     worker.receive()  # warmed up
                     check(v, warm_ups[v], sizes[v][0])
+                    found[v].peak_small_mib = worker.ask(op="peak")["peak_mib"]
                     alive.append(v)
                 except RuntimeError as error:
                     found[v].problems.append(str(error))
@@ -797,10 +910,12 @@ def measure_model(
                             sent = command(small, v)
                             workers[v].ask(**sent)
                             check(v, sent, small)
-                        seconds = []
+                        seconds, cpu = [], []
                         for rows in (small, large):
                             sent = command(rows, v)
-                            seconds.append(workers[v].ask(**sent)["seconds"])
+                            reply = workers[v].ask(**sent)
+                            seconds.append(reply["seconds"])
+                            cpu.append(reply["cpu_seconds"])
                             check(v, sent, rows)
                     except RuntimeError as error:
                         found[v].problems.append(str(error))
@@ -808,16 +923,22 @@ def measure_model(
                         say(f"  round {n + 1}/{rounds}, {v}: FAILED\n{error}")
                         continue
                     slope = (seconds[1] - seconds[0]) / (large - small)
+                    cpu_slope = (cpu[1] - cpu[0]) / (large - small)
+                    if cpu_slope > 0:
+                        found[v].cpu_slopes.append(cpu_slope)
                     rate = "the large run was the faster: no slope"
                     if slope > 0:  # else the machine's load swamped the difference
                         found[v].slopes.append(slope)
                         rate = f"{1 / slope:,.0f} rows/s"
                     say(
                         f"  round {n + 1}/{rounds}, {v}: {rate} ({seconds[0]:.2f} s, "
-                        f"{seconds[1]:.2f} s; {time.perf_counter() - start:.1f} s in all)"
+                        f"{seconds[1]:.2f} s; CPU {cpu[0]:.2f} s, {cpu[1]:.2f} s; "
+                        f"{time.perf_counter() - start:.1f} s in all)"
                     )
             for v in alive:
-                found[v].peak_mib = workers[v].ask(op="peak")["peak_mib"]
+                reply = workers[v].ask(op="peak")
+                found[v].peak_mib = reply["peak_mib"]
+                found[v].frameworks = reply["frameworks"]
         finally:
             for worker in workers.values():
                 worker.close()
@@ -861,11 +982,28 @@ def print_results(
         f"where Beam runs; rows/s is the median over {rounds} interleaved round(s) of the "
         "slope between a small and a large run\n"
     )
+
+    def ratio(value: float, base: float) -> str:
+        return "n/a" if math.isnan(value / base) else f"{value / base:.2f}x"
+
     stock = found["stock"].rate() if "stock" in found else math.nan
+    plain = found.get("plain")
+    header = [
+        "variant",
+        "rows/s (median)",
+        "spread (min-max)",
+        "vs stock Beam",
+        "vs plain Beam",
+        "rows per CPU s",
+        "CPU vs plain",
+        "peak MiB: small",
+        "peak MiB: all",
+        "rows: small, large",
+    ]
     rows = []
     for name in VARIANTS:
         if name in skipped:
-            rows.append([f"{name}: {VARIANTS[name].label}", skipped[name], "", "", "", ""])
+            rows.append([f"{name}: {VARIANTS[name].label}", skipped[name]] + [""] * 8)
             continue
         if name not in found:
             continue
@@ -876,33 +1014,39 @@ def print_results(
             if measured.slopes
             else "n/a"
         )
-        versus = "n/a" if math.isnan(rate / stock) else f"{rate / stock:.2f}x"
         rows.append(
             [
                 f"{name}: {VARIANTS[name].label}",
                 _format_rate(rate) if not measured.problems else "FAILED",
                 spread,
-                versus,
+                ratio(rate, stock),
+                ratio(rate, plain.rate() if plain else math.nan),
+                _format_rate(measured.cpu_rate()),
+                ratio(measured.cpu_rate(), plain.cpu_rate() if plain else math.nan),
+                "n/a" if math.isnan(measured.peak_small_mib) else f"{measured.peak_small_mib:,.0f}",
                 "n/a" if math.isnan(measured.peak_mib) else f"{measured.peak_mib:,.0f}",
                 f"{measured.small:,}, {measured.large:,}",
             ]
         )
-    print_markdown_table(
-        [
-            "variant",
-            "rows/s (median)",
-            "spread (min-max)",
-            "vs stock Beam",
-            "peak MiB",
-            "rows: small, large",
-        ],
-        rows,
+    print_markdown_table(header, rows)
+    print(
+        "\nrows per CPU s: the same slope on the CPU time (user and system) of the variant's "
+        "process tree, the median over rounds: on a loaded machine the wall clock also counts "
+        "the waits for a core, the CPU time mostly not"
     )
     print(
-        "\npeak MiB: the variant's own process over all its runs (VmHWM), or its process "
-        "tree's summed resident memory sampled every 0.2 s where larger (Spark: JVM and "
-        "Python workers)"
+        "\npeak MiB: the variant's own process (VmHWM), or its process tree's summed resident "
+        "memory sampled every 0.2 s where larger (Spark: JVM and Python workers); 'small' after "
+        "its warm-up (one small run), 'all' after every run (large ones included): where the "
+        "two are close, peak memory does not grow with the rows"
     )
+    sized = {(measured.small, measured.large) for measured in found.values()}
+    if len(sized) > 1:
+        print(
+            "rows: variants ran at different sizes (--sizes-for), the slow ones at smaller "
+            "sizes (a run of the large size would take them many minutes); each rate is the "
+            "slope between its own two sizes"
+        )
     ok = True
     print(
         f"\noutputs, read back and checked by id against predict (isclose rtol={RTOL:g}, "
@@ -918,7 +1062,8 @@ def print_results(
         else:
             print(
                 f"  {name}: verified, {measured.checked_runs} runs, {measured.checked_rows:,} "
-                f"rows, largest difference {measured.max_abs_diff:.2g}"
+                f"rows, largest difference {measured.max_abs_diff:.2g}; frameworks imported: "
+                f"{', '.join(measured.frameworks) or 'none'}"
             )
     return ok
 
@@ -961,6 +1106,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is shown)")
     parser.add_argument("--quick", action="store_true", help="small sizes, one round")
     parser.add_argument("--seed", type=int, default=0, help="the data's and the model's seed")
+    parser.add_argument(
+        "--row-group",
+        type=int,
+        help="rows per Parquet row group of the inputs (default: pyarrow's, up to 1,048,576): "
+        "a Beam reader's table is a row group, so a fixed one shows whether peak memory "
+        "grows with the rows",
+    )
     return parser
 
 
@@ -985,8 +1137,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     ok = True
     for model_name in args.models:
+        why = MODELS[model_name].unavailable()
+        if why is not None:
+            print(f"{model_name}: {why}")
+            continue
         print(f"{model_name}: {len(variants)} variants, each in a process of its own")
-        found = measure_model(model_name, variants, sizes, rounds, args.seed)
+        found = measure_model(
+            model_name, variants, sizes, rounds, args.seed, row_group=args.row_group
+        )
         ok = print_results(model_name, variants, found, skipped, rounds) and ok
     print(f"\ncommit {commit()}; the whole benchmark took {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1

@@ -214,6 +214,26 @@ def at_end_of_global_window(value: Any) -> Any:
     return GlobalWindows.windowed_value_at_end_of_window(value)
 
 
+#: Beam's words for an error pickling what is sent to a model shared across processes.
+SHARED_MODEL_PICKLING_ERROR = (
+    "Pickling error encountered while running inference. This may be caused by trying to send "
+    "unpickleable data to a model which is shared across processes. For more information, see "
+    "https://beam.apache.org/documentation/ml/large-language-modeling/#pickling-errors"
+)
+
+
+def shared_model_pickling_error(error: BaseException) -> TypeError | None:
+    """Beam's ``TypeError`` for ``error`` raised running a model shared across processes, where
+    the installed Beam gives one (2.78's ``_is_pickling_error``: a pickling error; before 2.78
+    Beam's check, ``e is pickle.PickleError``, never holds), else None."""
+    from apache_beam.ml.inference import base
+
+    is_pickling_error = getattr(base, "_is_pickling_error", None)
+    if is_pickling_error is None or not is_pickling_error(error):
+        return None
+    return TypeError(SHARED_MODEL_PICKLING_ERROR)
+
+
 def current_step() -> Any:
     """The step this thread runs now (its state in Beam's state sampler, which holds the step's
     metrics container), or None outside a worker: metrics updated on another thread count in
@@ -269,6 +289,7 @@ __all__ = [
     "MAX_LIVE_WINDOWS",
     "METRICS_NAMESPACE",
     "MSEC_PER_BATCH_METRIC",
+    "SHARED_MODEL_PICKLING_ERROR",
     "SINCE_2_78",
     "STATEFUL_BATCHING_DOFN_LABEL",
     "SUPPORTED_BEAM",
@@ -286,4 +307,5 @@ __all__ = [
     "inference_dofn_parts",
     "length_bucket_key_dofn",
     "shared_key_dofn",
+    "shared_model_pickling_error",
 ]

@@ -181,9 +181,11 @@ class ModelSource:
         self.metrics = (
             None if handler.override_metrics(namespace) else internals.MetricsCollector(namespace)
         )
+        #: Whether the model is served across processes (its calls pickle their arguments).
+        self.shared = bool(handler.share_model_across_processes())
         self._models: CachedModels | SharedModels = (
             SharedModels(model_tag, handler.model_copies())
-            if handler.share_model_across_processes()
+            if self.shared
             else CachedModels(model_tag, namespace)
         )
         self._load_with_retries = retrying(self._load, retries, backoff_secs)
@@ -273,9 +275,12 @@ class HandlerInference:
         start = self._clock.time_ns()
         try:
             results = self.run(part, model)
-        except Exception:
+        except Exception as error:
             if metrics is not None:
                 metrics.failed_batches_counter.inc()
+            pickling = internals.shared_model_pickling_error(error) if self._models.shared else None
+            if pickling is not None:
+                raise pickling from error
             raise
         elapsed_ns = self._clock.time_ns() - start
         self._sizing.record(part_weight(self._batch, part, self._sizing), elapsed_ns / 1e9)

@@ -11,8 +11,8 @@ runs, and fails unless:
   HuggingFace tests raise ``SkipTest`` at import when a framework import fails) or collects
   nothing;
 - every test passes or is skipped on stock Beam (the harness itself is sound);
-- each test has the same outcome in both runs, but for the tests in the README's differences
-  table, which may fail with beam-turbo (and then only those: a test skipped in one run only,
+- each test has the same outcome in both runs, but for the tests in the differences table
+  (docs/run-inference.md), which may fail with beam-turbo (and then only those: a test skipped in one run only,
   or run in one only, is a difference too);
 - in the patched run, once the test modules are imported, every Beam name in ``PATCHED`` is
   beam-turbo's (in its Beam module and in any test module that holds it), and in the stock run
@@ -48,7 +48,7 @@ from typing import Any
 import apache_beam
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+DIFFERENCES = ROOT / "docs" / "run-inference.md"  # its differences table
 CONFTEST = Path(__file__).resolve().parent / "conformance_conftest.py"
 # Outside the checkout, as pip's cache is: a clean checkout (CI's) reuses what an earlier run on
 # this machine computed from the same inputs.
@@ -104,8 +104,8 @@ filterwarnings =
 _LISTED = re.compile(r"^\|\s*`([\w./]+_test\.py::[\w:]+)`\s*\|")
 
 
-def listed_differences(readme: Path = README) -> set[str]:
-    """Test ids in the first column of the README's differences table."""
+def listed_differences(readme: Path = DIFFERENCES) -> set[str]:
+    """Test ids in the first column of the differences table (docs/run-inference.md)."""
     return {m.group(1) for line in readme.read_text().splitlines() if (m := _LISTED.match(line))}
 
 
@@ -343,7 +343,7 @@ def main() -> int:
     failed = {t for t, entry in turbo["tests"].items() if entry["outcome"] == "failed"}
     for test_id in sorted(listed - failed):
         if test_id in turbo["tests"]:
-            notes.append(f"listed difference passes now (remove it from the README): {test_id}")
+            notes.append(f"listed difference passes now (remove it from docs/run-inference.md): {test_id}")
     print(f"\nBeam {apache_beam.__version__}'s tests per file (whole file: skipped or broken at")
     print("collection, in which run):\n")
     print("\n".join(file_table(files, runs)))

@@ -17,13 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from tests.cluster import workloads
-from tests.cluster.conftest import ROOT, Cluster
+from tests.cluster.conftest import ROOT, Cluster, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -53,8 +51,11 @@ def conformance(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> R
         output_prefix=str(folder / "out" / "lines"),
     )
     start = time.monotonic()
-    with beam.Pipeline(options=PipelineOptions(cluster.options())) as pipeline:
-        workloads.build_conformance(pipeline, paths, N)
+    run_job(
+        cluster.options(),
+        lambda pipeline: workloads.build_conformance(pipeline, paths, N),
+        [records, Path(paths.output_prefix).parent],
+    )
     seconds = time.monotonic() - start
     return Run(cluster, paths, workloads.read_output(paths.output_prefix), seconds)
 

@@ -12,13 +12,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from tests.cluster import workloads
-from tests.cluster.conftest import Cluster
+from tests.cluster.conftest import Cluster, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -35,9 +33,13 @@ def tables_output(
     folder = tmp_path_factory.mktemp(f"tables-{cluster.runner}")
     pattern = workloads.write_parquet(folder / "in", N, files=4, row_group_rows=300)
     model = workloads.make_sklearn_model(folder)
-    with beam.Pipeline(options=PipelineOptions(cluster.options())) as pipeline:
-        workloads.build_tables(pipeline, pattern, model, BATCH)
-    return workloads.read_output(workloads.pipeline_output(pattern))
+    out = workloads.pipeline_output(pattern)
+    run_job(
+        cluster.options(),
+        lambda pipeline: workloads.build_tables(pipeline, pattern, model, BATCH),
+        [Path(out).parent],
+    )
+    return workloads.read_output(out)
 
 
 def by_id(pairs: list[tuple[int, Any]]) -> dict[int, Any]:

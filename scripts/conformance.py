@@ -12,8 +12,8 @@ runs, and fails unless:
   nothing;
 - every test passes or is skipped on stock Beam (the harness itself is sound);
 - each test has the same outcome in both runs, but for the tests in the differences table
-  (docs/run-inference.md), which may fail with beam-turbo (and then only those: a test skipped in one run only,
-  or run in one only, is a difference too);
+  (docs/run-inference.md), which may fail with beam-turbo (and then only those: a test
+  skipped in one run only, or run in one only, is a difference too);
 - in the patched run, once the test modules are imported, every Beam name in ``PATCHED`` is
   beam-turbo's (in its Beam module and in any test module that holds it), and in the stock run
   none is; and ``PATCHED`` lists every name ``patch()`` replaces.
@@ -343,7 +343,9 @@ def main() -> int:
     failed = {t for t, entry in turbo["tests"].items() if entry["outcome"] == "failed"}
     for test_id in sorted(listed - failed):
         if test_id in turbo["tests"]:
-            notes.append(f"listed difference passes now (remove it from docs/run-inference.md): {test_id}")
+            notes.append(
+                f"listed difference passes now (remove it from docs/run-inference.md): {test_id}"
+            )
     print(f"\nBeam {apache_beam.__version__}'s tests per file (whole file: skipped or broken at")
     print("collection, in which run):\n")
     print("\n".join(file_table(files, runs)))

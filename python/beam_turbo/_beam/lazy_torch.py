@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from beam_turbo._beam.hooks import WrappingLoader, wrapped_spec
+
 __all__ = ["install", "uninstall"]
 
 BASE = "apache_beam.ml.inference.base"
@@ -49,27 +51,11 @@ class _DeferModelManager(importlib.abc.MetaPathFinder):
         with _LOCK:
             if self in sys.meta_path:
                 sys.meta_path.remove(self)  # one-shot
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            if find is None:
-                continue
-            spec: importlib.machinery.ModuleSpec | None = find(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _DeferringLoader(spec.loader)
-                return spec
-        return None
+        return wrapped_spec(self, fullname, path, target, _DeferringLoader)
 
 
-class _DeferringLoader(importlib.abc.Loader):
+class _DeferringLoader(WrappingLoader):
     """Beam's base module's own loader, run while the model manager cannot be imported."""
-
-    def __init__(self, loader: Any) -> None:
-        self._loader = loader
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        module: ModuleType | None = self._loader.create_module(spec)
-        return module
 
     def exec_module(self, module: ModuleType) -> None:
         if not _defers(self._loader, module.__name__):
@@ -85,10 +71,6 @@ class _DeferringLoader(importlib.abc.Loader):
 
         if getattr(module, "resource", resource) is None:
             module.__dict__["resource"] = resource  # None from the except branch, as the manager
-
-    def __getattr__(self, name: str) -> Any:
-        # get_source, get_filename, is_package...: the original loader's.
-        return getattr(self._loader, name)
 
 
 def _defers(loader: Any, name: str) -> bool:

@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from beam_turbo._beam.hooks import WrappingLoader, wrapped_spec
+
 __all__ = ["is_patched", "patch", "unpatch"]
 
 _FRAMEWORK_HANDLERS = [
@@ -172,27 +174,11 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in _REPLACEMENTS or fullname in _BEAM_MODULES or not _active:
             return None
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            if finder is self or find is None:
-                continue
-            spec: importlib.machinery.ModuleSpec | None = find(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _PatchingLoader(spec.loader)
-                return spec
-        return None
+        return wrapped_spec(self, fullname, path, target, _PatchingLoader)
 
 
-class _PatchingLoader(importlib.abc.Loader):
+class _PatchingLoader(WrappingLoader):
     """A module's own loader, which then replaces Beam's names in the module."""
-
-    def __init__(self, loader: Any) -> None:
-        self._loader = loader
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        module: ModuleType | None = self._loader.create_module(spec)
-        return module
 
     def exec_module(self, module: ModuleType) -> None:
         if module.__name__ == _HUGGINGFACE and "tensorflow" not in sys.modules:
@@ -203,10 +189,6 @@ class _PatchingLoader(importlib.abc.Loader):
         self._loader.exec_module(module)
         if _active:
             _replace_in(module)
-
-    def __getattr__(self, name: str) -> Any:
-        # get_source, get_filename, is_package...: the original loader's.
-        return getattr(self._loader, name)
 
 
 #: Beam's HuggingFace module imports TensorFlow, then torch and transformers (before 2.78).

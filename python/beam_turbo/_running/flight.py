@@ -53,17 +53,15 @@ class Flight:
         """The batches that finished, as ``(tag, result)`` in launch order: the oldest waited
         for while more than ``ahead`` run, then those done already. A failed batch's error is
         raised here (the batches after it stay running: :meth:`abandon` them)."""
-        running = self._running
-        while running and (len(running) > self._ahead or running[0][1].done()):
-            tag, future = running[0]
-            result = future.result()
-            running.popleft()
-            yield tag, result
+        return self._land(self._ahead)
 
     def drain(self) -> Iterator[tuple[Any, Any]]:
         """Every batch running, as :meth:`landed` gives them, each waited for."""
+        return self._land(-1)
+
+    def _land(self, ahead: int) -> Iterator[tuple[Any, Any]]:
         running = self._running
-        while running:
+        while running and (len(running) > ahead or running[0][1].done()):
             tag, future = running[0]
             result = future.result()
             running.popleft()

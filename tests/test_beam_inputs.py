@@ -563,3 +563,68 @@ def test_a_model_with_the_wrong_row_count_loses_no_element(
         assert_that(results | beam.Map(what_came_in), equal_to([]), label="no results")
         assert_that(dead, equal_to([describe(x) for x in data]), label="all dead letters")
         assert_that(errors | beam.Distinct(), equal_to([True]), label="the counts named")
+
+
+# --- the results themselves: built natively, the objects Beam's _convert_to_result makes ---
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(0, 40),
+    kind=st.sampled_from(["list", "numpy", "torch", "dict", "generator"]),
+    model_id=st.sampled_from([None, "gs://models/v2"]),
+)
+def test_results_are_beams_own_for_every_kind_of_predictions(
+    rows: int, kind: str, model_id: str | None
+) -> None:
+    import gc
+    import sys
+
+    from apache_beam.ml.inference import utils
+
+    from beam_turbo._arrays.results import prediction_results
+
+    examples = [np.full(3, float(i)) for i in range(rows)]
+    batched = np.arange(rows * 2, dtype=np.float64).reshape(rows, 2)
+    predictions: Any = {
+        "list": lambda: [float(i) for i in range(rows)],
+        "numpy": lambda: batched,
+        "torch": lambda: torch.from_numpy(batched),
+        "dict": lambda: {"a": batched, "b": list(range(rows))},
+        "generator": lambda: (str(i) for i in range(rows)),
+    }[kind]
+    held = [sys.getrefcount(e) for e in examples]
+    ours = prediction_results(examples, predictions(), model_id)
+    beams = list(utils._convert_to_result(examples, predictions(), model_id))
+    assert len(ours) == len(beams) == rows
+    for mine, theirs in zip(ours, beams, strict=True):
+        assert type(mine) is base.PredictionResult
+        assert gc.is_tracked(mine)
+        assert mine.example is theirs.example
+        assert mine.model_id == theirs.model_id
+        if kind in ("numpy", "torch"):
+            assert np.array_equal(np.asarray(mine.inference), np.asarray(theirs.inference))
+        elif kind == "dict":
+            assert mine.inference.keys() == theirs.inference.keys()
+            assert np.array_equal(mine.inference["a"], theirs.inference["a"])
+            assert mine.inference["b"] == theirs.inference["b"]
+        else:
+            assert mine.inference == theirs.inference
+    ours = beams = mine = theirs = None  # type: ignore[assignment]
+    assert [sys.getrefcount(e) for e in examples] == held  # each example held once, let go
+
+
+def test_the_native_records_refuse_a_class_that_is_not_a_plain_three_field_tuple() -> None:
+    from typing import NamedTuple
+
+    from beam_turbo._native import records
+
+    class Two(NamedTuple):
+        a: int
+        b: int
+
+    for cls, name in [(tuple, "tuple"), (Two, "Two"), (list, "list")]:
+        with pytest.raises(TypeError, match=f"records: {name} is not a NamedTuple of 3 fields"):
+            records(cls, [1], [2], None)
+    with pytest.raises(ValueError, match="first has 2 items and second 1; they must pair up"):
+        records(base.PredictionResult, [1, 2], [3], None)

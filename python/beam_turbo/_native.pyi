@@ -1,9 +1,11 @@
 """Type stubs of beam_turbo._native (checked against the built module by stubtest)."""
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any, final
+from typing import Any, TypeVar, final
 
 import numpy as np
+
+_R = TypeVar("_R", bound=tuple[Any, ...])
 
 __all__ = [
     "BatchMemory",
@@ -14,6 +16,7 @@ __all__ = [
     "first_unlike",
     "interleave",
     "pool_usage",
+    "records",
     "set_pool_limit",
     "stack",
 ]
@@ -53,6 +56,7 @@ def set_pool_limit(bytes: int) -> int: ...
 def pool_usage() -> tuple[int, int]: ...
 def empty(shape: list[int] | tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]: ...
 def first_unlike(items: Iterable[Any], attr: str) -> int | None: ...
+def records(cls: type[_R], first: Sequence[Any], second: Sequence[Any], third: Any) -> list[_R]: ...
 def interleave(
     columns: Sequence[np.ndarray[Any, Any]], dtype: str, out: np.ndarray[Any, Any] | None = None
 ) -> np.ndarray[Any, Any]: ...

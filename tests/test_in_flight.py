@@ -86,7 +86,7 @@ def _in_flight(seen: list[tuple[str, bool]]) -> list[bool]:
 
 def test_the_model_runs_while_the_next_batch_is_gathered() -> None:
     # Serially, the first batch would wait out its 30 s and note that nothing overlapped.
-    _doubled(in_flight=1, wait=30.0)
+    _doubled(in_flight=1, wait=30.0, adaptive=False)
     assert _SEEN[0] == (_SEEN[0][0], True), _SEEN
     assert all(_in_flight(_SEEN)), _SEEN
 
@@ -130,7 +130,8 @@ def test_a_device_bound_model_stays_in_flight_after_its_trial() -> None:
     # 4 ms of Beam's work and 4 ms of the model's a batch: in flight, 4 ms a batch; here, 8.
     ways = _ways(Sleeping(batch_secs=0.004), 4 * (WARM_UP_BATCHES + 2 * TRIAL_BATCHES + 8))
     trial = WARM_UP_BATCHES + 2 * TRIAL_BATCHES
-    assert ways[:trial] == [True] * (WARM_UP_BATCHES + TRIAL_BATCHES) + [False] * TRIAL_BATCHES
+    warm_up_here = [False] * WARM_UP_BATCHES
+    assert ways[:trial] == warm_up_here + [True] * TRIAL_BATCHES + [False] * TRIAL_BATCHES
     assert ways[trial:] == [True] * 8, ways
 
 
@@ -146,15 +147,17 @@ def test_the_chooser_keeps_the_faster_way_longer_each_time_it_wins_again() -> No
         ways.append(way)
         now += 1.0 if way else 2.0  # handed over: half the time per element
     runs = [len(list(group)) for _, group in itertools.groupby(ways)]
-    # warm-up + trial handed over, trial here, kept 64, trial here, kept 128 + trial (cut)
-    assert runs[:5] == [
-        WARM_UP_BATCHES + TRIAL_BATCHES,
+    # warm-up here, trial handed over, trial here, kept 64 + trial handed over, trial here,
+    # kept 128 + trial handed over (cut)
+    assert runs[:6] == [
+        WARM_UP_BATCHES,
+        TRIAL_BATCHES,
         TRIAL_BATCHES,
         KEEP_BATCHES + TRIAL_BATCHES,
         TRIAL_BATCHES,
-        runs[4],
+        runs[5],
     ]
-    assert runs[4] >= 2 * KEEP_BATCHES, runs
+    assert runs[5] >= 2 * KEEP_BATCHES, runs
     assert chooser.chosen is True
 
 

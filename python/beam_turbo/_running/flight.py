@@ -16,11 +16,11 @@ pipeline here). With a model that holds the GIL for most of its time (a small to
 rows split into tensors, pure Python) it loses: 0.8x here for a torch linear layer. So the
 :class:`Flight` measures, as the pipeline runs, which way gives the caller's thread (Beam's:
 the pipeline) less time per element, from one launch to the next (:class:`Chooser`): after
-``WARM_UP_BATCHES`` handed over, a trial of ``TRIAL_BATCHES`` handed over and as many run
-where they were gathered (after the batches before them land, so that they keep their
-order), then the faster way for ``KEEP_BATCHES``, then another trial; each time the same way
-wins, it is kept twice as long, up to ``MAX_KEEP_BATCHES``. ``adaptive=False`` hands every
-batch over.
+``WARM_UP_BATCHES`` run where they were gathered, a trial of ``TRIAL_BATCHES`` handed over
+and as many run where they were gathered (after the batches before them land, so that they
+keep their order), then the faster way for ``KEEP_BATCHES``, then another trial; each time
+the same way wins, it is kept twice as long, up to ``MAX_KEEP_BATCHES``. ``adaptive=False``
+hands every batch over.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ DEFAULT_BATCHES_IN_FLIGHT = 1
 #: of each way's are not counted (they wait for the batches of the other way to land).
 TRIAL_BATCHES = 6
 SETTLING = 2
-#: Batches handed over before the first trial: the sizer's first batches grow from its
-#: minimum, and batches of different sizes cost different times per element.
+#: Batches run where they were gathered before the first trial: the sizer's first batches
+#: grow from its minimum, and batches of different sizes cost different times per element
+#: (the smallest, handed over, cost the most).
 WARM_UP_BATCHES = 16
 #: Batches run the faster way before it is measured again: twice as many each time the
 #: same way wins, up to ``MAX_KEEP_BATCHES``.
@@ -69,7 +70,7 @@ class Chooser:
     Example:
         >>> chooser = Chooser()
         >>> ways = [chooser.next(now=float(n), weight=1.0) for n in range(28)]
-        >>> ways == [True] * 16 + [True] * 6 + [False] * 6  # warming up, then a trial
+        >>> ways == [False] * 16 + [True] * 6 + [False] * 6  # warming up, then a trial
         True
         >>> chooser.next(now=28.0, weight=1.0), chooser.chosen  # a tie: handed over
         (True, True)
@@ -82,7 +83,7 @@ class Chooser:
         self._last: tuple[float, bool, bool] | None = None  # launched: when, which way, counts
         self.chosen: bool | None = None  # the last trial's choice (None: none yet)
         self._keep = KEEP_BATCHES // 2
-        self._plan.extend([(True, False)] * WARM_UP_BATCHES)
+        self._plan.extend([(False, False)] * WARM_UP_BATCHES)
 
     def next(self, now: float, weight: float) -> bool:
         """The way of the batch launched ``now``, of ``weight`` (what was gathered since the

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import threading
 import time
-from collections.abc import Iterator
 
 __all__ = ["MAX_GC_PAUSE_SECS", "GcHold", "cyclic_gc_paused", "pause_cyclic_gc", "resume_cyclic_gc"]
 
@@ -55,8 +53,24 @@ def resume_cyclic_gc() -> None:
             gc.enable()
 
 
-@contextlib.contextmanager
-def cyclic_gc_paused() -> Iterator[None]:
+class _Paused:
+    """The context of :func:`cyclic_gc_paused`: a class, not a generator's context manager,
+    which costs a generator and its frame per batch and, held across a batch's yields in a
+    DoFn's generator, showed as 4% of a free model's pipeline in a profile."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        pause_cyclic_gc()
+
+    def __exit__(self, *error: object) -> None:
+        resume_cyclic_gc()
+
+
+_PAUSED = _Paused()
+
+
+def cyclic_gc_paused() -> _Paused:
     """Hold off the cyclic garbage collector while one batch runs and its results are emitted.
 
     A batch's results (framework tensors and ``PredictionResult`` tuples, which the collector
@@ -66,11 +80,7 @@ def cyclic_gc_paused() -> Iterator[None]:
     they die young without being traversed. Reference counting frees memory as usual; only
     cycles wait, for one batch.
     """
-    pause_cyclic_gc()
-    try:
-        yield
-    finally:
-        resume_cyclic_gc()
+    return _PAUSED
 
 
 class GcHold:

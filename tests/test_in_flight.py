@@ -21,7 +21,13 @@ from apache_beam.testing.util import assert_that, equal_to
 from beam_turbo import RunInference
 from beam_turbo._gathering.gatherer import SizedBatch
 from beam_turbo._gathering.sizing import Sizing
-from beam_turbo._running.flight import KEEP_BATCHES, TRIAL_BATCHES, WARM_UP_BATCHES, Chooser
+from beam_turbo._running.flight import (
+    KEEP_BATCHES,
+    SETTLING,
+    TRIAL_BATCHES,
+    WARM_UP_BATCHES,
+    Chooser,
+)
 from beam_turbo._running.runner import BatchRunner
 from beam_turbo.errors import InvalidInputError
 
@@ -161,14 +167,18 @@ def test_the_chooser_keeps_the_faster_way_longer_each_time_it_wins_again() -> No
     assert chooser.chosen is True
 
 
-def test_the_chooser_switches_when_the_other_way_gets_faster_and_skips_a_bundles_gap() -> None:
+def test_the_chooser_picks_here_when_it_is_faster_and_skips_the_gaps_between_bundles() -> None:
     chooser = Chooser()
+    here_trial = WARM_UP_BATCHES + TRIAL_BATCHES
+    # Bundles end after three of the four counted batches of the trial run here: counted, the
+    # hour to the next launch would make here the slower way.
+    bundle_ends = {here_trial + SETTLING, here_trial + SETTLING + 1, here_trial + SETTLING + 2}
     now = 0.0
     for n in range(WARM_UP_BATCHES + 2 * TRIAL_BATCHES + 1):
         way = chooser.next(now, 10.0)
-        now += 1.0 if not way else 3.0  # here: a third of the time
-        if n == WARM_UP_BATCHES + TRIAL_BATCHES + 2:
-            chooser.pause()  # a bundle ends: the hour until the next launch is not counted
+        now += 3.0 if way else 1.0  # here: a third of the time
+        if n in bundle_ends:
+            chooser.pause()
             now += 3600.0
     assert chooser.chosen is False
 

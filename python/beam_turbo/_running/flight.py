@@ -82,7 +82,7 @@ class Chooser:
         self._times: dict[bool, list[float]] = {True: [], False: []}
         self._last: tuple[float, bool, bool] | None = None  # launched: when, which way, counts
         self.chosen: bool | None = None  # the last trial's choice (None: none yet)
-        self._keep = KEEP_BATCHES // 2
+        self._keep = KEEP_BATCHES  # doubled each time the same way wins again
         self._plan.extend([(False, False)] * WARM_UP_BATCHES)
 
     def next(self, now: float, weight: float) -> bool:
@@ -184,6 +184,8 @@ class Flight:
     def abandon(self) -> None:
         """Wait for the batches still running and drop what they give (the bundle that
         launched them failed, and the runner will run its elements again)."""
+        if self.chooser is not None:
+            self.chooser.pause()
         running = self._running
         while running:
             _, future = running.popleft()

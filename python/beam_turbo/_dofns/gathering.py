@@ -225,6 +225,11 @@ class RunBatches:
         )
         self._gc_hold = GcHold()
         weakref.finalize(self, self._gc_hold.give_back)
+        # With batches in flight: held from a launch until what landed is emitted, so that
+        # no collection runs while a batch's results are alive (between the run and the
+        # emission the collector would move them all to an older generation).
+        self._emitting = GcHold()
+        weakref.finalize(self, self._emitting.give_back)
         self._flight = Flight(self._in_flight, self._adaptive) if self._in_flight > 0 else None
         if exc_class is None:
             self._models.acquire_model()  # fail at once; with exception handling, per batch
@@ -234,8 +239,9 @@ class RunBatches:
 
     def take(self, window: Any, batch: SizedBatch, at_end: bool) -> Iterator[Any]:
         if self._flight is not None:
+            self._emitting.take()
             if window is _GLOBAL:
-                self._gc_hold.give_back()  # gathered: the inference thread pauses it
+                self._gc_hold.give_back()  # gathered: the emitting hold pauses it now
             weight = batch.weight if batch.weight == batch.weight else len(batch.elements)
             self._flight.launch(window, self._run_paused, batch, weight)
             return self._emitted(self._flight.landed(), at_end)
@@ -264,8 +270,8 @@ class RunBatches:
     def _emitted(self, landed: Iterable[tuple[Any, list[Any]]], at_end: bool) -> Iterator[Any]:
         """The outputs of batches that landed: in the global window, with the element being
         processed, or at the end of the window at the end of a bundle; in other windows, at
-        the end of theirs."""
-        with cyclic_gc_paused():  # while their results are emitted
+        the end of theirs. The emitting hold, taken by the caller, is given back after."""
+        try:
             for window, outputs in landed:
                 if window is _GLOBAL:
                     if not at_end:
@@ -276,6 +282,8 @@ class RunBatches:
                 else:
                     timestamp, windows = window.max_timestamp(), (window,)
                 yield from placed(outputs, timestamp, windows)
+        finally:
+            self._emitting.give_back()
 
     def outputs(self, batch: SizedBatch) -> list[Any]:
         """Run ``batch``: its results and dead-letter entries."""
@@ -285,16 +293,19 @@ class RunBatches:
         """At the end of a bundle: the outputs of every batch in flight, each waited for."""
         if self._flight is None or not len(self._flight):
             return iter(())
+        self._emitting.take()
         return self._emitted(self._flight.drain(), True)
 
     def bundle_done(self) -> None:
         self._gc_hold.give_back()
+        self._emitting.give_back()
         self._models.bundle_done()
 
     def release(self) -> None:
         """Give back what a batch being gathered holds, and wait out the batches a failed
         bundle left in flight (a bundle that failed, teardown)."""
         self._gc_hold.give_back()
+        self._emitting.give_back()
         if self._flight is not None:
             self._flight.abandon()
 

@@ -29,6 +29,7 @@ from typing import Any
 from beam_turbo._arrays.tables import TableRows, check_table, row_count, slice_rows
 from beam_turbo._beam import internals
 from beam_turbo._gathering.sizing import Sizing
+from beam_turbo._native import UnitFiller
 
 __all__ = [
     "MAX_PADDING",
@@ -132,7 +133,7 @@ class Gatherer:
         [['a', 'b']]
     """
 
-    __slots__ = ("_cut", "_global", "_on_start", "_pool", "_rows", "_sizing", "batches")
+    __slots__ = ("_cut", "_filler", "_on_start", "_pool", "_rows", "_sizing", "add_unit", "batches")
 
     def __init__(
         self,
@@ -147,32 +148,25 @@ class Gatherer:
         self._pool = pool  # gather this many batches' worth, then cut
         self._cut = cut
         self._on_start = on_start  # told when the global window's batch starts (add_unit)
-        self._global: SizedBatch | None = None
         self.batches: dict[Any, SizedBatch] = {}
+        self._filler = UnitFiller(self._start_unit)
+        #: ``add_unit(element, window)``: the fast path of :meth:`add`, for the one window of
+        #: elements that all weigh 1 (no cut): the batch ``element`` fills (its weight its
+        #: length), or None. No generator, no weighing; native (``_native.UnitFiller``: it
+        #: runs once per element), with each batch started by :meth:`_start_unit`.
+        self.add_unit: Callable[[Any, Any], SizedBatch | None] = self._filler.add
 
     def start(self, window: Any) -> SizedBatch:
         """A new, empty batch for ``window``."""
         batch = self.batches[window] = SizedBatch(self._sizing.target() * self._pool)
         return batch
 
-    def add_unit(self, element: Any, window: Any) -> SizedBatch | None:
-        """The fast path of :meth:`add`, for the one window of elements that all weigh 1
-        (no cut): the batch ``element`` fills, or None. No generator, no weighing."""
-        batch = self._global
-        if batch is None:
-            batch = self._global = self.start(window)
-            if self._on_start is not None:
-                self._on_start()
-        elements = batch.elements
-        elements.append(element)
-        # is_full(count, target), written out: with no load, the count is the weight, and this
-        # line runs for every element (a call is a third of the path's cost).
-        if len(elements) >= batch.target:
-            del self.batches[window]
-            self._global = None
-            batch.weight = len(elements)
-            return batch
-        return None
+    def _start_unit(self, window: Any) -> SizedBatch:
+        """A new batch for :attr:`add_unit` (kept by the filler, not in :attr:`batches`)."""
+        batch = SizedBatch(self._sizing.target() * self._pool)
+        if self._on_start is not None:
+            self._on_start()
+        return batch
 
     def add(self, element: Any, window: Any) -> Iterator[tuple[Any, SizedBatch]]:
         """Add ``element`` to its window's batch, giving out each batch that is full (or the
@@ -236,10 +230,12 @@ class Gatherer:
     def drain(self) -> Iterator[tuple[Any, SizedBatch]]:
         """Every batch still gathering (at the end of a bundle)."""
         batches, self.batches = self.batches, {}
-        self._global = None
+        filling = self._filler.take()
+        if filling is not None:  # add_unit's
+            window, batch = filling
+            batch.weight = len(batch.elements)  # add_unit sets it when a batch is full
+            batches[window] = batch
         for window, batch in batches.items():
-            if self._cut is None and self._sizing.unit and not self._rows:
-                batch.weight = len(batch.elements)  # not kept up by add_unit
             yield from self._give_out(window, batch)
 
     def _give_out(self, window: Any, batch: SizedBatch) -> Iterator[tuple[Any, SizedBatch]]:

@@ -5,6 +5,7 @@
 mod cache;
 mod columns;
 mod error;
+mod filling;
 mod records;
 mod sizer;
 mod stack;
@@ -17,6 +18,8 @@ mod _native {
     use crate::cache::ModelCache;
     #[pymodule_export]
     use crate::columns::interleave;
+    #[pymodule_export]
+    use crate::filling::UnitFiller;
     #[pymodule_export]
     use crate::records::records;
     #[pymodule_export]

@@ -69,9 +69,7 @@ def _note_gathering(x: float) -> float:
     return x
 
 
-def _doubled(
-    in_flight: int, wait: float, n: int = 16, batch_secs: float = 0.0, **flight: Any
-) -> None:
+def _doubled(in_flight: int, wait: float, n: int = 16, **flight: Any) -> None:
     _SECOND_BATCH_GATHERING.clear()
     _SEEN.clear()
     data = [float(i) for i in range(n)]
@@ -80,7 +78,7 @@ def _doubled(
             pipeline
             | beam.Create(data, reshuffle=False)
             | beam.Map(_note_gathering)
-            | RunInference(Fours(wait, batch_secs)).with_batches_in_flight(in_flight, **flight)
+            | RunInference(Fours(wait)).with_batches_in_flight(in_flight, **flight)
             | beam.Map(lambda r: (r.example, r.inference))
         )
         assert_that(out, equal_to([(x, 2 * x) for x in data]))
@@ -101,10 +99,6 @@ def test_serial_runs_each_batch_on_the_dofns_thread_as_it_is_gathered() -> None:
     _doubled(in_flight=0, wait=0.2)
     assert _SEEN[0][1] is False, "serially, nothing is gathered while a batch runs"
     assert not any(_in_flight(_SEEN)), _SEEN
-
-
-class Sleeping(Fours):
-    """A device-bound model: each batch waits ``batch_secs`` outside the GIL."""
 
 
 def _ways(handler: Fours, n: int, **flight: Any) -> list[bool]:
@@ -134,7 +128,8 @@ def _ways(handler: Fours, n: int, **flight: Any) -> list[bool]:
 
 def test_a_device_bound_model_stays_in_flight_after_its_trial() -> None:
     # 4 ms of Beam's work and 4 ms of the model's a batch: in flight, 4 ms a batch; here, 8.
-    ways = _ways(Sleeping(batch_secs=0.004), 4 * (WARM_UP_BATCHES + 2 * TRIAL_BATCHES + 8))
+    # A device-bound model: each batch waits 4 ms outside the GIL.
+    ways = _ways(Fours(batch_secs=0.004), 4 * (WARM_UP_BATCHES + 2 * TRIAL_BATCHES + 8))
     trial = WARM_UP_BATCHES + 2 * TRIAL_BATCHES
     warm_up_here = [False] * WARM_UP_BATCHES
     assert ways[:trial] == warm_up_here + [True] * TRIAL_BATCHES + [False] * TRIAL_BATCHES

@@ -242,8 +242,7 @@ class RunBatches:
             self._emitting.take()
             if window is _GLOBAL:
                 self._gc_hold.give_back()  # gathered: the emitting hold pauses it now
-            weight = batch.weight if batch.weight == batch.weight else len(batch.elements)
-            self._flight.launch(window, self._run_paused, batch, weight)
+            self._flight.launch(window, self._run_paused, batch, batch.weight)
             return self._emitted(self._flight.landed(), at_end)
         return self._run_here(window, batch, at_end)
 

@@ -156,14 +156,18 @@ class Gatherer:
         #: runs once per element), with each batch started by :meth:`_start_unit`.
         self.add_unit: Callable[[Any, Any], SizedBatch | None] = self._filler.add
 
+    def _new_batch(self) -> SizedBatch:
+        """A new, empty batch, its target asked of the sizing now (times ``pool``)."""
+        return SizedBatch(self._sizing.target() * self._pool)
+
     def start(self, window: Any) -> SizedBatch:
         """A new, empty batch for ``window``."""
-        batch = self.batches[window] = SizedBatch(self._sizing.target() * self._pool)
+        batch = self.batches[window] = self._new_batch()
         return batch
 
     def _start_unit(self, window: Any) -> SizedBatch:
         """A new batch for :attr:`add_unit` (kept by the filler, not in :attr:`batches`)."""
-        batch = SizedBatch(self._sizing.target() * self._pool)
+        batch = self._new_batch()
         if self._on_start is not None:
             self._on_start()
         return batch

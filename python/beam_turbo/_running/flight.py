@@ -87,7 +87,8 @@ class Chooser:
 
     def next(self, now: float, weight: float) -> bool:
         """The way of the batch launched ``now``, of ``weight`` (what was gathered since the
-        last launch: the time since then is per element of it)."""
+        last launch: the time since then is per element of it; a weight not above 0, or NaN,
+        unknown, is not counted)."""
         if self._last is not None:
             since, way, counts = self._last
             if counts and weight > 0:

@@ -171,6 +171,16 @@ spawn() { # name command...
     echo $! >"$RUN/$name.pid"
 }
 
+# The JVM property that puts the job server's Guava before Spark's Guava 14 on the executors'
+# classpath: Beam's GCS file system, which every executor registers while it reads the job's
+# options, needs a newer one (docs/clusters.md, "A Spark job that never ends").
+spark_executor_property() {
+    local guava=("$JOBSERVER"/spark/lib/guava-*.jar)
+    [ "${#guava[@]}" = 1 ] && [ -f "${guava[0]}" ] ||
+        die "not one Guava jar in $JOBSERVER/spark/lib: ${guava[*]}"
+    echo "-Dspark.executor.extraClassPath=${guava[0]}"
+}
+
 start_common() { # runner
     local runner=$1
     spawn worker-pool env PATH="$WORKER_VENV/bin:$PATH" "$WORKER_VENV/bin/python" \
@@ -183,7 +193,9 @@ start_common() { # runner
         master_arg="--spark-master-url=spark://127.0.0.1:$SPARK_MASTER_PORT"
     fi
     # Spark's job server is its driver: Java 17 needs the openings spark-submit would add.
-    spawn job-server java "${JAVA_MODULE_OPTIONS[@]}" \
+    local properties=()
+    [ "$runner" = flink ] || properties=("$(spark_executor_property)")
+    spawn job-server java "${JAVA_MODULE_OPTIONS[@]}" "${properties[@]}" \
         -jar "$JOBSERVER/$runner/beam-$runner-job-server.jar" "$master_arg" --job-host=localhost \
         --job-port="$JOB_PORT" --artifact-port="$ARTIFACT_PORT" \
         --expansion-port="$EXPANSION_PORT" --artifacts-dir="$RUN/artifacts"
@@ -365,6 +377,7 @@ cmd_env() {
     echo "BEAM_TURBO_SPARK_MASTER=spark://127.0.0.1:$SPARK_MASTER_PORT"
     echo "BEAM_TURBO_FLINK_JOB_SERVER_JAR=$JOBSERVER/flink/beam-flink-job-server.jar"
     echo "BEAM_TURBO_SPARK_JOB_SERVER_JAR=$JOBSERVER/spark/beam-spark-job-server.jar"
+    echo "BEAM_TURBO_SPARK_JOB_SERVER_PROPERTY=$(spark_executor_property 2>/dev/null || true)"
     echo "BEAM_TURBO_CLUSTER_RUN_DIR=$RUN"
     echo "BEAM_TURBO_WORKER_PYTHON=$WORKER_VENV/bin/python"
 }

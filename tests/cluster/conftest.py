@@ -58,10 +58,10 @@ class Cluster:
         return [*options, *extra]
 
 
-#: A job not finished in this long is cancelled and run once more. Beam 2.70's Spark job server
-#: fails each executor's first task (a Guava clash on its classpath: docs/clusters.md), and the
-#: clean-up after it has, now and then, cancelled an SDK harness another task was using; the
-#: retried task then waited for ever (twice in two sessions' runs here). The jobs take 1-3 min.
+#: A job not finished in this long is cancelled and run once more; every job here runs through
+#: ``run_job``. Spark jobs have waited for ever after a failed task's clean-up cancelled an SDK
+#: harness another task was using (docs/clusters.md, "A Spark job that never ends"); the jobs
+#: take 1-3 min.
 JOB_DEADLINE_SECS = 480
 
 

@@ -10,12 +10,11 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 
 import beam_turbo
 from beam_turbo import sklearn as turbo_sklearn
 from tests.cluster import workloads
-from tests.cluster.conftest import Cluster
+from tests.cluster.conftest import Cluster, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -36,25 +35,32 @@ def runner_options(cluster: Cluster) -> list[str]:
             "--parallelism=2",
             *worker_pool,
         ]
+    assert s["BEAM_TURBO_SPARK_JOB_SERVER_PROPERTY"], "scripts/cluster.sh env: no Guava jar"
     return [
         "--runner=SparkRunner",
         f"--spark_master_url={s['BEAM_TURBO_SPARK_MASTER']}",
         f"--spark_job_server_jar={s['BEAM_TURBO_SPARK_JOB_SERVER_JAR']}",
+        f"--job_server_jvm_property={s['BEAM_TURBO_SPARK_JOB_SERVER_PROPERTY']}",
         *worker_pool,
     ]
 
 
 def test_beams_runner_starts_the_job_server_from_the_jar(cluster: Cluster, tmp_path: Path) -> None:
     model = workloads.make_sklearn_model(tmp_path)
-    prefix = str(tmp_path / "out" / "lines")
-    with beam.Pipeline(options=PipelineOptions(runner_options(cluster))) as pipeline:
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def build(pipeline: beam.Pipeline) -> None:
         _ = (
             pipeline
             | beam.Create(workloads.sklearn_inputs(N))
             | beam_turbo.RunInference(turbo_sklearn.SklearnModelHandlerNumpy(model))
             | workloads.to_line("turbo")
-            | beam.io.WriteToText(prefix)
+            | beam.io.WriteToText(str(out / "lines"))
         )
+
+    run_job(runner_options(cluster), build, [out])
+    prefix = str(out / "lines")
     got = dict(workloads.read_output(prefix)["turbo"])
     assert sorted(got) == list(range(N))
     local = pickle.loads(Path(model).read_bytes()).predict(np.stack(workloads.sklearn_inputs(N)))

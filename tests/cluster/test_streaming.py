@@ -16,12 +16,11 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
 
 import beam_turbo
 from tests.cluster import workloads
-from tests.cluster.conftest import Cluster
+from tests.cluster.conftest import Cluster, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -48,7 +47,8 @@ def test_streaming_batches_span_bundles_and_every_impulse_gives_one_result(
     )
     start = time.time() + START_DELAY
     options = cluster.options("--streaming", "--max_bundle_time_mills=100")
-    with beam.Pipeline(options=PipelineOptions(options)) as pipeline:
+
+    def build(pipeline: beam.Pipeline) -> None:
         _ = (
             pipeline
             | PeriodicImpulse(
@@ -59,6 +59,8 @@ def test_streaming_batches_span_bundles_and_every_impulse_gives_one_result(
             | beam_turbo.RunInference(handler)
             | beam.ParDo(workloads.RecordResults(rec, "turbo"))
         )
+
+    run_job(options, build, [records])
     lines = [line.split() for line in (records / "turbo.results").read_text().splitlines()]
     counts = Counter(int(index) for index, _, _ in lines)
     assert sorted(counts) == list(range(RATE * SECONDS)), "an impulse without a result"

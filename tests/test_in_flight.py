@@ -4,6 +4,7 @@ failures as when each batch runs as it is gathered."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
 import time
@@ -300,3 +301,35 @@ def test_a_batch_gathered_before_a_memory_failure_runs_in_parts_below_it() -> No
     outcome = runner.run(SizedBatch(40.0, elements, 40.0), infer)
     assert outcome.outputs == [2 * x for x in elements]
     assert parts == [15, 15, 10], parts
+
+
+_COLLECTOR_ON: list[bool] = []  # whether the cyclic collector was on as each result came out
+
+
+def _note_collector(result: base.PredictionResult) -> float:
+    time.sleep(0.002)
+    _COLLECTOR_ON.append(gc.isenabled())
+    return float(result.inference)
+
+
+@pytest.mark.parametrize("in_flight", [0, 1], ids=["serial", "in-flight"])
+def test_no_collection_runs_while_a_batchs_results_are_emitted(in_flight: int) -> None:
+    """A batch's results are alive from its run until the last is emitted; a collection in
+    between moves them all to an older generation (in flight, that ran a free model at 0.87 of
+    serial). The step after RunInference runs as each result is emitted, on the same thread;
+    it sleeps, so that in flight the next batch's run, which pauses the collector too, ends
+    while results are still being emitted."""
+    assert gc.isenabled()
+    _COLLECTOR_ON.clear()
+    data = [float(i) for i in range(40)]
+    with beam.Pipeline() as pipeline:
+        out = (
+            pipeline
+            | beam.Create(data, reshuffle=False)
+            | RunInference(Fours()).with_batches_in_flight(in_flight, adaptive=False)
+            | beam.Map(_note_collector)
+        )
+        assert_that(out, equal_to([2 * x for x in data]))
+    assert len(_COLLECTOR_ON) == len(data)
+    assert not any(_COLLECTOR_ON), f"on for {sum(_COLLECTOR_ON)} of {len(data)} results"
+    assert gc.isenabled(), "the collector is still paused after the pipeline"

@@ -184,7 +184,7 @@ spark_executor_property() {
 start_common() { # runner
     local runner=$1
     spawn worker-pool env PATH="$WORKER_VENV/bin:$PATH" "$WORKER_VENV/bin/python" \
-        -m apache_beam.runners.worker.worker_pool_main --service_port="$WORKER_POOL_PORT"
+        "$HERE/worker_pool.py" --service_port="$WORKER_POOL_PORT"
     mkdir -p "$RUN/artifacts"
     local master_arg
     if [ "$runner" = flink ]; then

@@ -44,6 +44,11 @@ class Cluster:
     def run_dir(self) -> Path:
         return Path(self.settings["BEAM_TURBO_CLUSTER_RUN_DIR"])
 
+    @property
+    def job_server_log(self) -> Path:
+        """The log of ``scripts/cluster.sh``'s job server (on Spark, the driver's)."""
+        return self.run_dir.parent / "log" / "job-server.out"
+
     def options(self, *extra: str) -> list[str]:
         """Beam's PortableRunner, Beam's job server for this engine, SDK workers from the
         worker pool (its processes run the beam-turbo wheel)."""
@@ -66,17 +71,27 @@ JOB_DEADLINE_SECS = 480
 
 
 def run_job(
-    options: Sequence[str], build: Callable[[beam.Pipeline], None], outputs: Sequence[Path]
+    options: Sequence[str],
+    build: Callable[[beam.Pipeline], None],
+    outputs: Sequence[Path],
+    cluster: Cluster | None = None,
 ) -> None:
     """Build a pipeline with ``build`` and run it to the end; a job past
     ``JOB_DEADLINE_SECS`` is cancelled, its ``outputs`` (folders) removed, and run once more.
-    A job that fails, or misses the deadline twice, fails the test."""
+    A job that fails, or misses the deadline twice, fails the test. On ``cluster``'s job
+    server on Spark, so does a task that failed on the way: Spark retries it and the job ends
+    done, but a retried task has waited for ever (docs/clusters.md), and only the driver's log
+    tells."""
+    log = cluster.job_server_log if cluster is not None and cluster.runner == "spark" else None
     for attempt in (1, 2):
+        logged = log.stat().st_size if log is not None else 0
         pipeline = beam.Pipeline(options=PipelineOptions(list(options)))
         build(pipeline)
         result = pipeline.run()
         state = result.wait_until_finish(duration=JOB_DEADLINE_SECS * 1000)
         if state == PipelineState.DONE:
+            if log is not None:
+                assert_no_task_failed(log, logged)
             return
         try:
             result.cancel()
@@ -91,6 +106,16 @@ def run_job(
         for folder in outputs:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
+
+
+def assert_no_task_failed(log: Path, offset: int) -> None:
+    """No "Lost task" in the Spark driver's ``log`` past ``offset``."""
+    with log.open("rb") as file:
+        file.seek(offset)
+        text = file.read().decode(errors="replace")
+    lost = [line for line in text.splitlines() if "Lost task" in line]
+    if lost:
+        pytest.fail(f"{len(lost)} failed tasks in {log}, the first: {lost[0]}")
 
 
 def script(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

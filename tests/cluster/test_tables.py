@@ -38,6 +38,7 @@ def tables_output(
         cluster.options(),
         lambda pipeline: workloads.build_tables(pipeline, pattern, model, BATCH),
         [Path(out).parent],
+        cluster,
     )
     return workloads.read_output(out)
 

@@ -234,8 +234,9 @@ start_flink() {
     flink_env
     rm -rf "$FLINK_CONF_DIR"
     cp -r "$FLINK_HOME/conf" "$FLINK_CONF_DIR"
+    mkdir -p "$RUN/flink-tmp"
     sed -e "s/@FLINK_REST_PORT@/$FLINK_REST_PORT/" -e "s/@FLINK_RPC_PORT@/$FLINK_RPC_PORT/" \
-        "$HERE/flink-config.yaml" >"$FLINK_CONF_DIR/config.yaml"
+        -e "s|@FLINK_TMP@|$RUN/flink-tmp|" "$HERE/flink-config.yaml" >"$FLINK_CONF_DIR/config.yaml"
     "$FLINK_HOME/bin/jobmanager.sh" start >&2
     start_taskmanager
     start_taskmanager
@@ -322,6 +323,10 @@ cmd_stop() {
     for pid in $pids; do kill -0 "$pid" 2>/dev/null && left="$left $pid"; done
     [ -z "$left" ] || die "processes still alive after stop:$left"
     rm -f "$RUN"/*.pid "$RUN/runner"
+    # What the jobs left on disk, some 0.5 GB a job (their jars): Flink's working folders (a
+    # killed TaskManager's are never removed) and the jars in Spark's; Spark's logs stay.
+    rm -rf "$RUN/flink-tmp"
+    [ ! -d "$RUN/spark-work" ] || find "$RUN/spark-work" -name '*.jar' -delete
     say "stopped (${pids:-nothing was running})"
 }
 

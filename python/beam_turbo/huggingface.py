@@ -45,6 +45,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from beam_turbo._arrays.results import prediction_results
 from beam_turbo._beam import internals
+from beam_turbo._frameworks import imported
 from beam_turbo._running.loading import loading_model
 from beam_turbo._torch.inference import TorchInference, cuda_usable, resolve_device
 from beam_turbo._torch.padding import check_pad_values, token_length
@@ -307,7 +308,7 @@ class HuggingFaceModelHandlerTensor(_HuggingFaceTorch, ModelHandler):
 
 
 def _is_tensorflow_tensor(value: Any) -> bool:
-    tf = sys.modules.get("tensorflow")  # a TensorFlow tensor means TensorFlow is imported
+    tf = imported("tensorflow")  # a TensorFlow tensor means TensorFlow is imported
     return tf is not None and isinstance(value, tf.Tensor)
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from apache_beam.ml.inference.base import PredictionResult
 
+from beam_turbo._frameworks import imported
 from beam_turbo._native import records
 from beam_turbo.errors import InvalidInputError
 
@@ -44,10 +44,10 @@ def prediction_results(
 
 def rows(batched: Any) -> Any:
     """The rows of a batched output, as Beam's iteration over it would give them."""
-    torch = sys.modules.get("torch")
+    torch = imported("torch")
     if torch is not None and isinstance(batched, torch.Tensor):
         return batched.unbind(0)
-    tf = sys.modules.get("tensorflow")
+    tf = imported("tensorflow")
     if tf is not None and isinstance(batched, tf.Tensor) and hasattr(batched, "numpy"):
         return tf.unstack(batched)
     return batched

@@ -9,13 +9,13 @@ metadata from Python costs more than ``torch.stack`` spends per tensor).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from beam_turbo import _native
+from beam_turbo._frameworks import imported
 from beam_turbo.errors import InvalidInputError, InvalidTypeError
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def stack(arrays: Iterable[Any], *, out: Any = None, pad: complex | None = None)
     """
     if not isinstance(arrays, list | tuple):
         arrays = list(arrays)
-    torch = sys.modules.get("torch")
+    torch = imported("torch")
     if torch is not None and pad is None and arrays and type(arrays[0]) is torch.Tensor:
         batch = _stack_torch(torch, arrays, out)
         if batch is not None:
@@ -121,7 +121,7 @@ def _as_ndarray(obj: Any, index: int) -> Batch:
 def _converter_for(obj: Any, index: int) -> tuple[Converter, bool]:
     """How to view ``obj``, and whether every object of its type is viewed the same way."""
     kind = type(obj)
-    torch = sys.modules.get("torch")
+    torch = imported("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
         return (lambda t, i: _tensor_view(torch, t, f"element {i}")), True
     if getattr(obj, "__array_interface__", None) is not None:
@@ -194,7 +194,7 @@ def _tensor_view(torch: Any, tensor: torch.Tensor, what: str) -> Batch:
 
 def _out_view(out: Any) -> Batch:
     """``out`` as a numpy array sharing its memory."""
-    torch = sys.modules.get("torch")
+    torch = imported("torch")
     if torch is not None and isinstance(out, torch.Tensor):
         return _tensor_view(torch, out, "out=")
     raise InvalidTypeError(

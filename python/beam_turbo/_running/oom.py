@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import gc
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import TypeVar
+
+from beam_turbo._frameworks import imported
 
 __all__ = ["is_out_of_memory", "run_owning_oom", "run_splitting_on_oom"]
 
@@ -29,10 +30,10 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` means the batch did not fit: CUDA's, TensorFlow's, or MemoryError."""
     if isinstance(error, MemoryError):
         return True
-    torch = sys.modules.get("torch")
+    torch = imported("torch")
     if torch is not None and isinstance(error, torch.OutOfMemoryError):
         return True
-    tf = sys.modules.get("tensorflow")
+    tf = imported("tensorflow")
     if tf is not None and isinstance(error, tf.errors.ResourceExhaustedError):
         return True
     message = str(error)
@@ -43,7 +44,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 def free_accelerator_memory() -> None:
     """Release what a failed batch left behind, so that a smaller one can fit."""
     gc.collect()
-    torch = sys.modules.get("torch")
+    torch = imported("torch")
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 

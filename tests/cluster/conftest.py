@@ -64,9 +64,9 @@ class Cluster:
 
 
 #: A job not finished in this long is cancelled and run once more; every job here runs through
-#: ``run_job``. Spark jobs have waited for ever after a failed task's clean-up cancelled an SDK
-#: harness another task was using (docs/clusters.md, "A Spark job that never ends"); the jobs
-#: take 1-3 min.
+#: ``run_job``. Spark jobs have waited for ever after a task failed and was retried (Beam's
+#: worker pool killed an SDK harness another executor was using: docs/clusters.md, "A Spark job
+#: that never ends"); the jobs take 1-3 min.
 JOB_DEADLINE_SECS = 480
 
 

@@ -49,6 +49,7 @@ def test_beams_runner_starts_the_job_server_from_the_jar(cluster: Cluster, tmp_p
     model = workloads.make_sklearn_model(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
+    prefix = str(out / "lines")
 
     def build(pipeline: beam.Pipeline) -> None:
         _ = (
@@ -56,11 +57,10 @@ def test_beams_runner_starts_the_job_server_from_the_jar(cluster: Cluster, tmp_p
             | beam.Create(workloads.sklearn_inputs(N))
             | beam_turbo.RunInference(turbo_sklearn.SklearnModelHandlerNumpy(model))
             | workloads.to_line("turbo")
-            | beam.io.WriteToText(str(out / "lines"))
+            | beam.io.WriteToText(prefix)
         )
 
     run_job(runner_options(cluster), build, [out])
-    prefix = str(out / "lines")
     got = dict(workloads.read_output(prefix)["turbo"])
     assert sorted(got) == list(range(N))
     local = pickle.loads(Path(model).read_bytes()).predict(np.stack(workloads.sklearn_inputs(N)))
